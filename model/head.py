@@ -1,0 +1,94 @@
+"""The client-side parts of a model: embeddings, final norm, LM head, tokenizer and chat template.
+
+Loaded without any transformer block: the model class is built with zero layers on the meta device and
+only the head tensors are read from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from mesh.model import compat
+from mesh.model.sources import ModelSource
+from mesh.model.weights import Checkpoint
+
+
+class ClientHead(nn.Module):
+    """Token embeddings in, logits out; everything between runs on spans."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.family = compat.family_of(model.config)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.model if self.family.name == "llama" else self.model.transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.family.name == "llama":
+            return self.base.embed_tokens(input_ids)
+        return self.base.word_embeddings_layernorm(self.base.word_embeddings(input_ids))
+
+    def embedding_layer(self) -> nn.Embedding:
+        return self.base.embed_tokens if self.family.name == "llama" else self.base.word_embeddings
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.base.norm if self.family.name == "llama" else self.base.ln_f
+        return self.model.lm_head(norm(hidden.to(self.dtype)))
+
+
+def head_from_model(model: nn.Module) -> ClientHead:
+    """A head sharing the weights of an already loaded full model (tests, local runs)."""
+    return ClientHead(model)
+
+
+def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> ClientHead:
+    config = copy.deepcopy(source.config)
+    family = compat.family_of(config)
+    config.num_hidden_layers = 0
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = []
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    ckpt = Checkpoint.open(source.path)
+    block_prefixes = tuple(t.split("{i}")[0] for t in family.layer_prefixes)
+    wanted = [n for n in ckpt.files if not any(n.startswith(p) for p in block_prefixes)]
+    tensors = ckpt.read(wanted, dtype)
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        for candidate in (name, *(p + name for p in ("model.", "transformer."))):
+            if candidate in own:
+                state[candidate] = t
+                break
+    missing = [k for k in own if k not in state]
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    if "lm_head.weight" in missing and tied:
+        missing.remove("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint lacks head tensors: {missing[:4]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied or "lm_head.weight" not in state:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    model.to(dtype)
+    return ClientHead(model)
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(source.path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

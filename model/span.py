@@ -1,0 +1,165 @@
+"""A span: blocks [start, end) of one model that run on their own, with their own attention cache.
+
+Built from transformers' own layer classes (through `compat`), so a span gives exactly what the same
+blocks give inside the full model. Used by servers (inference sessions, forward, backward) and by the
+local reference run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mesh.model import compat
+from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
+from mesh.model.weights import Checkpoint, read_block
+
+# Called on each freshly loaded layer (e.g. to quantize its linear layers); returns the layer to use.
+LayerHook = Callable[[nn.Module, int], nn.Module]
+
+
+@dataclass
+class SpanCache:
+    """KV cache of one session on one span, plus the 2-D attention mask of every token it holds."""
+
+    batch_size: int
+    max_length: int
+    first_layer: int
+    kv: object = field(repr=False)
+    mask: torch.Tensor = field(repr=False)  # [batch, length], 1 = real token
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` tokens (speculative decoding, re-sent steps after a failover)."""
+        if not 0 <= length <= self.length:
+            raise BadRequest(f"cannot roll back a cache of {self.length} tokens to {length}")
+        compat.kv_crop(self.kv, self.length - length)
+        self.mask = self.mask[:, :length]
+
+
+class Span(nn.Module):
+    """Blocks [start, end) of a model with `forward` (with or without cache) and `backward`."""
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module],
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = compat.ensure_attention(config)
+        self.start, self.end = start, end
+        self.dtype = dtype
+        self.family = compat.family_of(config)
+        self.layers = nn.ModuleList(layers)
+        self.runner = compat.LayerRunner(self.family, config, first_layer=start)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
+        if batch_size < 1 or max_length < 1:
+            raise BadRequest(f"bad cache shape: batch {batch_size}, max_length {max_length}")
+        return SpanCache(batch_size, max_length, self.start, compat.new_kv_cache(self.config),
+                         torch.ones(batch_size, 0, dtype=torch.long))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | None = None,
+                attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """Run the span.
+
+        hidden [B, T, H]; position_ids [B, T] (the caller owns positions); attention_mask [B, T] for the
+        new tokens only (1 keep, 0 pad) or None for all ones; the cache keeps the mask history itself.
+        prompts [n_blocks, B, P, H] (deep prompt tuning): added to the first P positions before each block.
+        """
+        self._check(hidden, position_ids, attention_mask, cache)
+        batch, new = hidden.shape[:2]
+        new_mask = (attention_mask.to(torch.long) if attention_mask is not None
+                    else torch.ones(batch, new, dtype=torch.long))
+        if cache is not None:
+            if cache.length + new > cache.max_length:
+                raise MaxLengthExceeded(
+                    f"maximum length exceeded: {cache.length} + {new} > {cache.max_length}",
+                    hint="open the session with a larger max_length")
+            full_mask = torch.cat([cache.mask, new_mask], dim=1)
+        else:
+            full_mask = new_mask
+        hidden = hidden.to(self.dtype)
+        kv = cache.kv if cache is not None else None
+        prepared = self.runner.prepare(hidden, position_ids, kv, full_mask)
+        for i, layer in enumerate(self.layers):
+            if prompts is not None:
+                p = prompts[i].to(hidden.dtype)
+                hidden = torch.cat([hidden[:, : p.shape[1]] + p, hidden[:, p.shape[1]:]], dim=1)
+            hidden = self.runner.call(layer, hidden, position_ids, kv, prepared)
+        if cache is not None:
+            cache.mask = full_mask
+        return hidden
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradient of <output, grad_output> w.r.t. the input hidden states (and deep prompts)."""
+        with torch.enable_grad():
+            x = hidden.detach().to(self.dtype).requires_grad_(True)
+            p = prompts.detach().to(self.dtype).requires_grad_(True) if prompts is not None else None
+            out = self.forward(x, position_ids, None, attention_mask, p)
+            inputs = (x, p) if p is not None else (x,)
+            grads = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
+        return grads[0], (grads[1] if p is not None else None)
+
+    def _check(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None, cache: SpanCache | None) -> None:
+        if hidden.dim() != 3 or hidden.shape[2] != self.hidden_size:
+            raise BadRequest(f"hidden states must be [batch, tokens, {self.hidden_size}], "
+                             f"got {list(hidden.shape)}")
+        if tuple(position_ids.shape) != tuple(hidden.shape[:2]):
+            raise BadRequest(f"position_ids must be {list(hidden.shape[:2])}, got {list(position_ids.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+            raise BadRequest(f"attention_mask must be {list(hidden.shape[:2])}, "
+                             f"got {list(attention_mask.shape)}")
+        if cache is not None and hidden.shape[0] != cache.batch_size:
+            raise BadRequest(f"batch {hidden.shape[0]} does not match the session's {cache.batch_size}")
+
+
+def check_range(config: PretrainedConfig, start: int, end: int) -> None:
+    n = config.num_hidden_layers
+    if not 0 <= start < end <= n:
+        raise SpanOutOfRange(f"blocks {start}:{end} are outside the model's 0:{n}")
+
+
+def load_span(folder, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
+              hook: LayerHook | None = None) -> Span:
+    """Build blocks [start, end) reading only their tensors from the checkpoint in `folder`."""
+    check_range(config, start, end)
+    family = compat.family_of(config)
+    ckpt = Checkpoint.open(folder)
+    layers = []
+    for i in range(start, end):
+        with torch.device("meta"):
+            layer = compat.build_layer(family, config, i)
+        state = read_block(ckpt, family.layer_prefixes, i, dtype)
+        layer.load_state_dict(state, strict=True, assign=True)
+        layer = layer.to(dtype)
+        layers.append(hook(layer, i) if hook is not None else layer)
+    return Span(config, start, end, layers, dtype)
+
+
+def span_from_model(model: nn.Module, start: int, end: int) -> Span:
+    """A span sharing the weights of an already loaded full model (tests, local reference runs)."""
+    config = model.config
+    check_range(config, start, end)
+    base = getattr(model, "model", None) or getattr(model, "transformer")
+    blocks = getattr(base, "layers", None) or getattr(base, "h")
+    dtype = next(model.parameters()).dtype
+    return Span(config, start, end, list(blocks[start:end]), dtype)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models saved as Hugging Face folders, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny(kind: str, layers: int = 6, seed: int = 0):
+    """A tiny random model of the given architecture (fast to build, exact to compare)."""
+    from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        model = Qwen2ForCausalLM(cfg)
+    elif kind == "bloom":
+        cfg = BloomConfig(vocab_size=128, hidden_size=64, n_layer=layers, n_head=4, pad_token_id=0,
+                          bos_token_id=None, eos_token_id=None)
+        model = BloomForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def mesh_cache(tmp_path_factory) -> Path:
+    """Model cache shared by the session; reuses the user's converted SmolLM2 when present."""
+    return Path(os.environ.get("MESH_CACHE", Path.home() / ".cache" / "mesh"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models of each supported architecture saved as safetensors folders."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for kind in ("llama", "bloom", "qwen2"):
+        model = make_tiny(kind)
+        model.save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(mesh_cache):
+    from mesh.model.sources import resolve_model
+
+    return resolve_model("smollm2", cache_dir=mesh_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2.path), dtype=torch.float32).eval()
