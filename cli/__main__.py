@@ -1,0 +1,3 @@
+from mesh.cli.main import app
+
+app(prog_name="mesh")

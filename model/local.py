@@ -1,0 +1,33 @@
+"""The local reference run: a whole model as a chain of spans in one process.
+
+The distributed path is measured against this: same head, same spans, same generation loop, only
+the transport differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mesh.model.head import ClientHead, load_head
+from mesh.model.sources import ModelSource
+from mesh.model.span import Span, load_span
+
+
+def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges covering [0, num_blocks) whose sizes differ by at most one."""
+    parts = max(1, min(parts, num_blocks))
+    base, extra = divmod(num_blocks, parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def load_local(source: ModelSource, dtype: torch.dtype = torch.float32,
+               num_spans: int = 3) -> tuple[ClientHead, list[Span]]:
+    head = load_head(source, dtype)
+    spans = [load_span(source.path, source.config, a, b, dtype)
+             for a, b in split_evenly(source.num_blocks, num_spans)]
+    return head, spans
