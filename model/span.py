@@ -67,6 +67,15 @@ class Span(nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    def sub(self, start: int, end: int) -> "Span":
+        """Blocks [start, end) of this span, sharing its weights (a route may use part of a server)."""
+        if (start, end) == (self.start, self.end):
+            return self
+        if not self.start <= start < end <= self.end:
+            raise SpanOutOfRange(f"blocks {start}:{end} are outside this span {self.start}:{self.end}")
+        layers = list(self.layers[start - self.start:end - self.start])
+        return Span(self.config, start, end, layers, self.dtype)
+
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
         if batch_size < 1 or max_length < 1:
             raise BadRequest(f"bad cache shape: batch {batch_size}, max_length {max_length}")

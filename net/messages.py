@@ -1,0 +1,205 @@
+"""The protocol's messages as dataclasses; `to_wire`/`from_wire` turn them into msgpack-able dicts.
+
+Each frame is `{"type": <name>, "v": <protocol version>, **fields}`; tensor fields are encoded by
+`net/codec.py` with the compression the sender chose. `from_wire` checks the type, the major version and
+that every required field is present, raising BadRequest / UnknownVersion for the handler to reply with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from mesh.model.errors import BadRequest
+from mesh.net.codec import decode_tensor, encode_tensor
+from mesh.net.wire import PROTOCOL_VERSION, UnknownVersion
+
+MAX_TENSOR_NUMEL = 64 * 1024 * 1024
+_TYPES: dict[str, type["Message"]] = {}
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.TYPE = cls.__name__
+        _TYPES[cls.TYPE] = cls
+
+    def to_wire(self, compression: str = "none") -> dict:
+        out: dict[str, Any] = {"type": self.TYPE, "v": PROTOCOL_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = encode_tensor(value, compression)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_wire(cls, frame: Any, *, max_numel: int = MAX_TENSOR_NUMEL) -> "Message":
+        """Parse a frame into the message class it names; `cls` restricts which types are accepted."""
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise BadRequest("frame is not a message")
+        version = frame.get("v")
+        if not isinstance(version, str) or version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+            raise UnknownVersion(f"protocol version {version!r} is not supported",
+                                 hint=f"this node speaks {PROTOCOL_VERSION}")
+        kind = _TYPES.get(frame["type"])
+        if kind is None or not issubclass(kind, cls):
+            raise BadRequest(f"unexpected message {frame['type']!r}")
+        values = {}
+        for f in dataclasses.fields(kind):
+            if f.name not in frame:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise BadRequest(f"{kind.TYPE} lacks field {f.name!r}")
+                continue
+            value = frame[f.name]
+            if f.name in kind.TENSORS and value is not None:
+                value = decode_tensor(value, max_numel=max_numel, name=f"{kind.TYPE}.{f.name}")
+            values[f.name] = value
+        msg = kind(**values)
+        msg.validate()
+        return msg
+
+    TENSORS: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """Type checks of scalar fields; subclasses with ranges add their own."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _SCALARS.get(str(f.type))
+            if expected is not None and not isinstance(value, expected) or isinstance(value, bool) and \
+                    str(f.type) == "int":
+                raise BadRequest(f"{self.TYPE}.{f.name} must be {f.type}")
+
+
+_SCALARS = {"int": int, "str": str, "float": (int, float), "bool": bool, "dict": dict, "list": list}
+
+
+# Control ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ping(Message):
+    nonce: int
+
+
+@dataclass
+class Pong(Message):
+    nonce: int
+
+
+@dataclass
+class SnapshotRequest(Message):
+    model_id: str = ""  # empty: every model the peer knows
+
+
+@dataclass
+class Snapshot(Message):
+    servers: list = field(default_factory=list)  # ServerInfo wire dicts
+
+
+@dataclass
+class InfoRequest(Message):
+    pass
+
+
+@dataclass
+class InfoReply(Message):
+    info: dict
+    counters: dict = field(default_factory=dict)
+
+
+# Inference sessions -------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenSession(Message):
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    compression: str = "none"
+    next: dict | None = None  # {"peer_id", "addrs", "session_id"} of the next server, for pushes
+
+
+@dataclass
+class SessionOpened(Message):
+    session_id: str
+    max_length: int
+
+
+@dataclass
+class Step(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
+    step_id: int
+    position: int  # the cache length this step expects
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    session_id: str = ""  # set on pushes: which session of the receiving server
+
+
+@dataclass
+class StepResult(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
+    step_id: int
+    position: int
+    hidden: torch.Tensor
+
+
+@dataclass
+class Relink(Message):
+    next: dict | None = None
+
+
+@dataclass
+class CloseSession(Message):
+    pass
+
+
+# Training passes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardRequest(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
+    start: int
+    end: int
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    compression: str = "none"
+
+
+@dataclass
+class ForwardReply(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
+    hidden: torch.Tensor
+
+
+@dataclass
+class BackwardRequest(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "grad_output", "position_ids", "attention_mask", "prompts")
+    start: int
+    end: int
+    hidden: torch.Tensor
+    grad_output: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    compression: str = "none"
+
+
+@dataclass
+class BackwardReply(Message):
+    TENSORS: ClassVar[tuple[str, ...]] = ("grad_input", "grad_prompts")
+    grad_input: torch.Tensor
+    grad_prompts: torch.Tensor | None = None

@@ -1,0 +1,341 @@
+"""The libp2p host of a mesh node, with py-libp2p's traps handled on purpose.
+
+- `ConnectionConfig(max_connections_per_peer=1)`: otherwise every dial waits 250 ms ("happy eyeballs").
+- Yamux blocks the 257th concurrent stream to a peer forever: `Node.stream` bounds streams per peer
+  with a semaphore well below that and gives every open a deadline.
+- Reads have no deadline in libp2p: every frame read goes through `wire.read_frame(timeout=…)`.
+- An exception escaping a stream handler ends the whole process: `set_handler` wraps each handler in a
+  catch-all that answers with an error frame, resets the stream and logs.
+- Leaving `host.run()` leaks connections and tasks: `open_node` always awaits `host.close()`, shielded
+  and bounded, before leaving.
+- GossipSub defaults drop messages (heartbeat 120 s, 10 msg/s spam limit, IP-diversity rule that refuses
+  a mesh of peers on one address): we set heartbeat 1 s and turn both protections off; messages are
+  signed and validated instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import defaultdict
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from mesh.model.errors import MeshError
+from mesh.net import wire
+from mesh.net.messages import Message
+
+log = logging.getLogger("mesh.node")
+
+DEFAULT_PORT = 31337
+DEFAULT_LISTEN = [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
+ENV_INITIAL_PEERS = "MESH_INITIAL_PEERS"
+MAX_STREAMS_PER_PEER = 128  # Yamux hangs at 256
+CLOSE_TIMEOUT = 5.0
+
+Handler = Callable[["trio.abc.Stream"], Awaitable[None]]
+
+
+class PeerUnavailable(MeshError):
+    code = "unavailable"
+
+
+@dataclass
+class NodeConfig:
+    listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
+    initial_peers: list[str] = field(default_factory=list)
+    identity_path: Path | None = None  # None: a fresh identity for this run (clients)
+    dht_mode: str = "server"  # "client" nodes do not answer DHT queries
+    connect_timeout: float = 10.0
+    gossip_heartbeat: float = 1.0
+
+
+def env_initial_peers() -> list[str]:
+    raw = os.environ.get(ENV_INITIAL_PEERS, "")
+    return [p for p in raw.replace(",", " ").split() if p]
+
+
+def default_identity_path() -> Path:
+    home = Path(os.environ.get("MESH_HOME", Path.home() / ".config" / "mesh"))
+    return home / "identity.key"
+
+
+def load_or_create_identity(path: Path | None) -> KeyPair:
+    """An Ed25519 key kept in `path` (created 0600 on first use), so the peer id survives restarts."""
+    if path is None:
+        key = Ed25519PrivateKey.new(secrets.token_bytes(32))
+    else:
+        path = Path(path).expanduser()
+        if path.exists():
+            try:
+                key = Ed25519PrivateKey.from_bytes(path.read_bytes())
+            except Exception as e:
+                raise MeshError(f"cannot read the identity key {path}: {e}".splitlines()[0],
+                                hint="delete it to create a new identity (the peer id changes)") from e
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = Ed25519PrivateKey.new(secrets.token_bytes(32))
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.to_bytes())
+            os.replace(tmp, path)
+    return KeyPair(key, key.get_public_key())
+
+
+def parse_peer_addr(addr: str) -> PeerInfo:
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as e:
+        raise MeshError(f"bad peer address {addr!r}",
+                        hint="expected a multiaddr ending in /p2p/<peer id>, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3…") from e
+
+
+class Node:
+    """A running libp2p host with mesh's protocols, gossip and DHT. Built by `open_node`."""
+
+    def __init__(self, host, pubsub: Pubsub, gossip: GossipSub, dht: KadDHT, config: NodeConfig,
+                 nursery: trio.Nursery) -> None:
+        self.host = host
+        self.pubsub = pubsub
+        self.gossip = gossip
+        self.dht = dht
+        self.config = config
+        self.nursery = nursery
+        self._stream_slots: dict[str, trio.Semaphore] = defaultdict(lambda: trio.Semaphore(MAX_STREAMS_PER_PEER))
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs others can dial, with /p2p/<id>."""
+        out = []
+        for a in self.host.get_addrs():
+            text = str(a)
+            if "/p2p/" not in text:
+                text = f"{text}/p2p/{self.peer_id}"
+            out.append(text)
+        return out
+
+    def join_addrs(self) -> list[str]:
+        """Addresses to share: wildcard listen addresses replaced by this machine's interface addresses."""
+        out = []
+        for a in self.addrs:
+            if "/ip4/0.0.0.0/" in a:
+                out.extend(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/") for ip in _local_ipv4s())
+            else:
+                out.append(a)
+        return out
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    def set_handler(self, name: str, handler: Handler) -> None:
+        """Serve `/mesh/<name>/<version>`; the handler can never take the node down."""
+        proto = TProtocol(wire.protocol_id(name))
+
+        async def guarded(stream) -> None:
+            peer = _short(stream.muxed_conn.peer_id.to_base58())
+            try:
+                await handler(stream)
+            except wire.StreamClosed:
+                log.debug("%s: %s closed the stream", name, peer)
+            except Exception as e:
+                log.warning("%s: request from %s failed: %s", name, peer, _one_line(e))
+                with trio.move_on_after(1.0):
+                    try:
+                        await wire.write_frame(stream, wire.error_frame(e), timeout=1.0)
+                    except Exception:
+                        pass
+                await _reset(stream)
+                return
+            await _close(stream)
+
+        self.host.set_stream_handler(proto, guarded)
+
+    async def connect(self, addr: str | PeerInfo, *, timeout: float | None = None) -> str:
+        info = parse_peer_addr(addr) if isinstance(addr, str) else addr
+        try:
+            with trio.fail_after(timeout or self.config.connect_timeout):
+                await self.host.connect(info)
+        except trio.TooSlowError as e:
+            raise PeerUnavailable(f"no connection to {_short(info.peer_id.to_base58())} within "
+                                  f"{timeout or self.config.connect_timeout:.0f} s") from e
+        except MeshError:
+            raise
+        except Exception as e:
+            raise PeerUnavailable(f"cannot reach {_short(info.peer_id.to_base58())}: {_one_line(e)}") from e
+        return info.peer_id.to_base58()
+
+    def remember(self, peer_id: str, addrs: list[str]) -> None:
+        """Put a peer's announced addresses in the peerstore so streams to it can dial."""
+        maddrs = []
+        for a in addrs:
+            try:
+                maddrs.append(multiaddr.Multiaddr(a.split("/p2p/")[0]))
+            except Exception:
+                continue
+        if maddrs:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), maddrs, 3600)
+
+    @asynccontextmanager
+    async def stream(self, peer_id: str, name: str, *, timeout: float = 10.0) -> AsyncIterator[object]:
+        """An outgoing stream speaking `/mesh/<name>/…`, bounded per peer, closed on exit."""
+        slots = self._stream_slots[peer_id]
+        try:
+            with trio.fail_after(timeout):
+                await slots.acquire()
+        except trio.TooSlowError as e:
+            raise PeerUnavailable(f"too many open streams to {_short(peer_id)}") from e
+        try:
+            try:
+                with trio.fail_after(timeout):
+                    stream = await self.host.new_stream(ID.from_base58(peer_id),
+                                                        [TProtocol(wire.protocol_id(name))])
+            except trio.TooSlowError as e:
+                raise PeerUnavailable(f"{_short(peer_id)} did not open a {name} stream within {timeout:.0f} s") from e
+            except MeshError:
+                raise
+            except Exception as e:
+                text = _one_line(e)
+                if "protocol" in text.lower() and "not supported" in text.lower() or "negotiat" in text.lower():
+                    raise wire.UnknownVersion(f"{_short(peer_id)} does not speak {wire.protocol_id(name)}",
+                                              hint="the peer runs an incompatible mesh version") from e
+                raise PeerUnavailable(f"cannot open a {name} stream to {_short(peer_id)}: {text}") from e
+            ok = False
+            try:
+                yield stream
+                ok = True
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await (_close(stream) if ok else _reset(stream))
+        finally:
+            slots.release()
+
+    async def request(self, peer_id: str, name: str, message: Message, *, timeout: float = 30.0,
+                      compression: str = "none", reply: type[Message] = Message) -> Message:
+        """One frame out, one frame back, on a fresh stream, within `timeout`."""
+        with trio.fail_after(timeout + 1.0):
+            async with self.stream(peer_id, name, timeout=timeout) as s:
+                await wire.write_frame(s, message.to_wire(compression), timeout=timeout)
+                frame = await wire.read_frame(s, timeout=timeout)
+        return reply.from_wire(wire.raise_if_error(frame))
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+    """Start a host with gossip and DHT, connect to the initial peers, and always close cleanly."""
+    key_pair = load_or_create_identity(config.identity_path)
+    host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
+                    connection_config=ConnectionConfig(max_connections_per_peer=1))
+    gossip = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
+                       heartbeat_interval=config.gossip_heartbeat, heartbeat_initial_delay=0.1,
+                       spam_protection_enabled=False, eclipse_protection_enabled=False)
+    pubsub = Pubsub(host, gossip)
+    dht = KadDHT(host, DHTMode.SERVER if config.dht_mode == "server" else DHTMode.CLIENT)
+    listen = [multiaddr.Multiaddr(a) for a in config.listen]
+    async with trio.open_nursery() as nursery:
+        try:
+            async with AsyncExitStack() as stack:
+                await stack.enter_async_context(host.run(listen_addrs=listen))
+                await stack.enter_async_context(background_trio_service(pubsub))
+                await stack.enter_async_context(background_trio_service(gossip))
+                await stack.enter_async_context(background_trio_service(dht))
+                with trio.fail_after(10):
+                    await pubsub.wait_until_ready()
+                node = Node(host, pubsub, gossip, dht, config, nursery)
+                log.info("node %s listening on %s", _short(node.peer_id), ", ".join(node.addrs))
+                await _join(node, config.initial_peers)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await host.close()
+
+
+async def _join(node: Node, peers: list[str]) -> None:
+    if not peers:
+        return
+    infos = [parse_peer_addr(p) for p in peers]
+    reached: list[str] = []
+
+    async def one(info: PeerInfo) -> None:
+        try:
+            reached.append(await node.connect(info))
+        except PeerUnavailable as e:
+            log.warning("initial peer unreachable: %s", e)
+
+    async with trio.open_nursery() as n:
+        for info in infos:
+            n.start_soon(one, info)
+    if not reached:
+        raise PeerUnavailable(f"none of the {len(infos)} initial peers answered",
+                              hint="check the addresses (mesh serve prints them) and that the peers are up")
+    for peer in reached:
+        with trio.move_on_after(2.0):
+            try:
+                await node.dht.add_peer(ID.from_base58(peer))
+            except Exception as e:  # the DHT is a supplement; a peer without it is still usable
+                log.debug("dht add_peer %s: %s", _short(peer), _one_line(e))
+    log.info("joined the swarm through %d of %d initial peers", len(reached), len(infos))
+
+
+async def _close(stream) -> None:
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def _reset(stream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass
+
+
+def _short(peer_id: str) -> str:
+    return peer_id[-8:]
+
+
+def short_id(peer_id: str) -> str:
+    return _short(peer_id)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _local_ipv4s() -> list[str]:
+    import socket
+
+    ips = {"127.0.0.1"}
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            ips.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(ips)

@@ -1,0 +1,319 @@
+"""Who serves what: ServerInfo announcements, the live swarm table, and how a node learns it.
+
+Why each mechanism:
+- **GossipSub** (topic `mesh/<model_id>/servers`) carries every server's ServerInfo every few seconds and
+  at once on each state change. It reaches all followers within tens of milliseconds, messages are signed
+  (a validator checks the announced peer id is the signer), and a dead server simply stops talking, so
+  entries expire on their own (soft state with a TTL).
+- **Snapshot** (`/mesh/swarm/1.0.0`): gossip only carries what is said after one subscribes, so a newcomer
+  asks any peer for its current table and has it at once instead of after the next round.
+- **Kademlia DHT**: servers `provide` the key `mesh-model-<model_id>`. A node whose bootstrap peer does not
+  follow that model (a relay, another model's server) finds the model's servers through the DHT, connects
+  to one and asks it for the snapshot. The DHT also routes to a peer by id. It is not used for live load
+  figures: its records are stale and never checked for liveness.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import AsyncIterator, Callable
+
+import msgpack
+import trio
+from libp2p.peer.id import ID
+
+from mesh.net import wire
+from mesh.net.messages import Snapshot, SnapshotRequest
+from mesh.net.node import Node, short_id
+
+log = logging.getLogger("mesh.swarm")
+
+
+class ServerState(enum.IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    DRAINING = 2
+    ONLINE = 3
+
+
+@dataclass
+class ServerInfo:
+    peer_id: str
+    model_id: str
+    start: int
+    end: int
+    state: ServerState = ServerState.JOINING
+    addrs: list[str] = field(default_factory=list)
+    throughput: float = 0.0  # tokens/s per block this server sustains (min of compute and network)
+    inference_rps: float = 0.0  # single-token decode steps/s over the whole span
+    forward_rps: float = 0.0  # tokens/s of batched forward passes
+    network_rps: float = 0.0  # hidden states/s its link carries
+    cache_tokens_free: int = 0
+    dtype: str = "float32"
+    quant: str = "none"
+    version: str = ""
+    public_name: str = ""
+    relayed: bool = False
+    next_pings: dict[str, float] = field(default_factory=dict)  # peer id -> RTT s
+    adapters: list[str] = field(default_factory=list)
+    total_blocks: int = 0  # blocks of the whole model, so a table shows coverage without the model
+    timestamp: float = 0.0
+    ttl: float = 15.0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def to_wire(self) -> dict:
+        out = asdict(self)
+        out["state"] = self.state.name
+        return out
+
+    @classmethod
+    def from_wire(cls, d: object) -> "ServerInfo":
+        """Unknown fields are ignored (newer peers), missing optional ones take defaults."""
+        if not isinstance(d, dict):
+            raise ValueError("server info is not a map")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["state"] = ServerState[str(values.get("state", "JOINING"))]
+        info = cls(**values)
+        if not (isinstance(info.start, int) and isinstance(info.end, int) and 0 <= info.start < info.end):
+            raise ValueError(f"bad span {info.start}:{info.end}")
+        if not isinstance(info.peer_id, str) or not isinstance(info.model_id, str):
+            raise ValueError("bad ids")
+        return info
+
+
+def topic(model_id: str) -> str:
+    return f"mesh/{model_id}/servers"
+
+
+def provider_key(model_id: str) -> str:
+    return f"mesh-model-{model_id}"
+
+
+class SwarmTable:
+    """Soft state: each entry lives until its timestamp + ttl; an OFFLINE announcement removes it at once."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._entries: dict[str, ServerInfo] = {}
+        self.changed = trio.Event()
+
+    def update(self, info: ServerInfo) -> None:
+        old = self._entries.get(info.peer_id)
+        if old is not None and old.timestamp > info.timestamp:
+            return  # a late copy of an older announcement
+        if info.state == ServerState.OFFLINE:
+            self._entries.pop(info.peer_id, None)
+        else:
+            self._entries[info.peer_id] = info
+        self._notify()
+
+    def remove(self, peer_id: str) -> None:
+        if self._entries.pop(peer_id, None) is not None:
+            self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def expire(self) -> None:
+        now = self.clock()
+        for peer, info in list(self._entries.items()):
+            if info.timestamp + info.ttl < now:
+                log.info("server %s expired (silent for %.0f s)", short_id(peer), now - info.timestamp)
+                self.remove(peer)
+
+    def servers(self, model_id: str | None = None, states: tuple[ServerState, ...] = (ServerState.ONLINE,)
+                ) -> list[ServerInfo]:
+        self.expire()
+        out = [i for i in self._entries.values()
+               if (model_id is None or i.model_id == model_id) and i.state in states]
+        return sorted(out, key=lambda i: (i.model_id, i.start, i.end, i.peer_id))
+
+    def all(self, model_id: str | None = None) -> list[ServerInfo]:
+        return self.servers(model_id, states=tuple(ServerState))
+
+    def get(self, peer_id: str) -> ServerInfo | None:
+        return self._entries.get(peer_id)
+
+    def coverage(self, model_id: str, num_blocks: int) -> list[int]:
+        """How many ONLINE servers hold each block."""
+        counts = [0] * num_blocks
+        for info in self.servers(model_id):
+            for b in range(max(0, info.start), min(num_blocks, info.end)):
+                counts[b] += 1
+        return counts
+
+    def block_throughput(self, model_id: str, num_blocks: int) -> list[float]:
+        out = [0.0] * num_blocks
+        for info in self.servers(model_id):
+            for b in range(max(0, info.start), min(num_blocks, info.end)):
+                out[b] += info.throughput
+        return out
+
+
+class Swarm:
+    """The swarm as one node sees it: follows models' topics into a table, announces, answers snapshots."""
+
+    def __init__(self, node: Node, table: SwarmTable) -> None:
+        self.node = node
+        self.table = table
+        self._followed: set[str] = set()
+        self._provided: set[str] = set()
+
+    async def follow(self, model_id: str) -> None:
+        if model_id in self._followed:
+            return
+        self._followed.add(model_id)
+        name = topic(model_id)
+        self.node.pubsub.set_topic_validator(name, _signed_by_announcer, False)
+        sub = await self.node.pubsub.subscribe(name)
+        self.node.nursery.start_soon(self._drain, sub, name)
+
+    async def _drain(self, sub, name: str) -> None:
+        # Drain at once: the subscription queue holds only 32 messages before dropping.
+        while True:
+            msg = await sub.get()
+            try:
+                info = ServerInfo.from_wire(msgpack.unpackb(msg.data, raw=False))
+            except Exception as e:
+                log.debug("ignoring a malformed announcement on %s: %s", name, e)
+                continue
+            if info.peer_id != self.node.peer_id:
+                self.node.remember(info.peer_id, info.addrs)
+            self.table.update(info)
+
+    async def announce(self, info: ServerInfo) -> None:
+        info.timestamp = time.time()
+        info.peer_id = self.node.peer_id
+        info.addrs = self.node.join_addrs()
+        self.table.update(info)
+        await self.follow(info.model_id)
+        try:
+            await self.node.pubsub.publish(topic(info.model_id), msgpack.packb(info.to_wire(), use_bin_type=True))
+        except Exception as e:  # no peers yet, or the router is closing
+            log.debug("announce: %s", e)
+        if info.state == ServerState.ONLINE and info.model_id not in self._provided:
+            self._provided.add(info.model_id)
+            self.node.nursery.start_soon(self._provide, info.model_id)
+
+    async def _provide(self, model_id: str) -> None:
+        with trio.move_on_after(20):
+            try:
+                await self.node.dht.provide(provider_key(model_id))
+            except Exception as e:
+                log.debug("dht provide: %s", e)
+
+    def serve_snapshots(self) -> None:
+        async def handle(stream) -> None:
+            req = SnapshotRequest.from_wire(await wire.read_frame(stream, timeout=10))
+            servers = [i.to_wire() for i in self.table.all(req.model_id or None)]
+            await wire.write_frame(stream, Snapshot(servers).to_wire())
+
+        self.node.set_handler("swarm", handle)
+
+    async def fetch_snapshot(self, peer_id: str, model_id: str = "", timeout: float = 10.0) -> int:
+        """Ask `peer_id` for its table; return how many entries were merged."""
+        reply = await self.node.request(peer_id, "swarm", SnapshotRequest(model_id), timeout=timeout,
+                                        reply=Snapshot)
+        count = 0
+        for d in reply.servers:
+            try:
+                info = ServerInfo.from_wire(d)
+            except Exception:
+                continue
+            if info.peer_id != self.node.peer_id:
+                self.node.remember(info.peer_id, info.addrs)
+                self.table.update(info)
+                count += 1
+        return count
+
+    async def discover(self, model_id: str, timeout: float = 10.0) -> None:
+        """Fill the table for `model_id` now: snapshots from connected peers, then the DHT if still empty."""
+        await self.follow(model_id)
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as n:
+                for peer in self.node.connected_peers():
+                    n.start_soon(self._try_snapshot, peer, model_id, timeout)
+            if self.table.servers(model_id):
+                return
+            for info in await self._providers(model_id):
+                peer = info.peer_id.to_base58()
+                if peer == self.node.peer_id:
+                    continue
+                try:
+                    await self.node.connect(info, timeout=timeout / 2)
+                except Exception as e:
+                    log.debug("provider %s unreachable: %s", short_id(peer), e)
+                    continue
+                if await self._try_snapshot(peer, model_id, timeout):
+                    return
+
+    async def _providers(self, model_id: str) -> list:
+        try:
+            found = await self.node.dht.find_providers(provider_key(model_id), count=20)
+        except Exception as e:
+            log.debug("dht find_providers: %s", e)
+            return []
+        unique = {p.peer_id.to_base58(): p for p in found}  # the DHT returns duplicates
+        return list(unique.values())
+
+    async def _try_snapshot(self, peer: str, model_id: str, timeout: float) -> int:
+        try:
+            return await self.fetch_snapshot(peer, model_id, timeout)
+        except Exception as e:
+            log.debug("snapshot from %s failed: %s", short_id(peer), e)
+            return 0
+
+    async def wait_for(self, predicate: Callable[[SwarmTable], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not predicate(self.table):
+                with trio.move_on_after(0.5):  # also re-check for expiry
+                    await self.table.changed.wait()
+            return True
+        return False
+
+
+def _signed_by_announcer(forwarder: ID, msg) -> bool:
+    """Accept only announcements whose peer id is the message's (signature-checked) author."""
+    try:
+        data = msgpack.unpackb(msg.data, raw=False)
+        return isinstance(data, dict) and data.get("peer_id") == ID(msg.from_id).to_base58()
+    except Exception:
+        return False
+
+
+@asynccontextmanager
+async def open_swarm(node: Node, follow: list[str] = ()) -> AsyncIterator[Swarm]:
+    swarm = Swarm(node, SwarmTable())
+    swarm.serve_snapshots()
+    for model_id in follow:
+        await swarm.follow(model_id)
+    yield swarm
+
+
+def coverage_summary(counts: list[int]) -> str:
+    missing = [i for i, c in enumerate(counts) if c == 0]
+    if not missing:
+        return f"all {len(counts)} blocks covered (min {min(counts)} servers per block)"
+    return f"{len(missing)} of {len(counts)} blocks missing: {_ranges(missing)}"
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}" if start == b else f"{start}:{b + 1}")
+            start = None
+    return ", ".join(out)
+
+

@@ -1,0 +1,164 @@
+"""Frames on a libp2p stream: a 4-byte big-endian length, then msgpack.
+
+Every read has a deadline and a size limit checked before anything is allocated, and the bytes are
+read with our own loop (libp2p's `read_exactly` gives up after 100 partial reads). Errors travel as
+`{"error": {"code", "message"}}` frames and come back out as the same typed exception.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Protocol
+
+import msgpack
+import trio
+
+from mesh.model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
+                               SpanOutOfRange, UnsupportedArchitecture)
+
+PROTOCOL_VERSION = "1.0.0"
+MAX_FRAME = 256 * 1024 * 1024
+DEFAULT_TIMEOUT = 30.0
+_LENGTH = struct.Struct(">I")
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+
+
+def protocol_id(name: str, version: str = PROTOCOL_VERSION) -> str:
+    """`/mesh/<name>/<version>`: libp2p negotiates the exact id, our frames carry the version too."""
+    return f"/mesh/{name}/{version}"
+
+
+class WireError(MeshError):
+    code = "wire"
+
+
+class FrameTooLarge(WireError):
+    code = "too_large"
+
+
+class FrameTimeout(WireError):
+    code = "timeout"
+
+
+class MalformedFrame(WireError):
+    code = "bad_request"
+
+
+class StreamClosed(WireError):
+    code = "closed"
+
+
+class UnknownVersion(WireError):
+    code = "unknown_version"
+
+
+class Busy(MeshError):
+    code = "busy"
+
+
+class Unavailable(MeshError):
+    code = "unavailable"
+
+
+class RemoteError(MeshError):
+    """An error the remote reported with a code we do not know."""
+
+    code = "internal"
+
+
+# Codes a reply may carry, mapped back to the exception raised on the caller's side.
+ERRORS: dict[str, type[MeshError]] = {
+    "bad_request": BadRequest,
+    "max_length": MaxLengthExceeded,
+    "too_large": FrameTooLarge,
+    "timeout": FrameTimeout,
+    "closed": StreamClosed,
+    "unknown_version": UnknownVersion,
+    "busy": Busy,
+    "unavailable": Unavailable,
+    "not_found": ModelNotFound,
+    "load_error": ModelLoadError,
+    "unsupported": UnsupportedArchitecture,
+    "internal": RemoteError,
+}
+assert SpanOutOfRange.code in ERRORS
+
+
+async def read_exact(stream: ByteStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except EOFError as e:  # libp2p's StreamEOF, also raised for a reset on read
+            raise StreamClosed("the peer closed the stream") from e
+        except Exception as e:
+            if _is_stream_failure(e):
+                raise StreamClosed(f"the stream failed: {type(e).__name__}") from e
+            raise
+        if not chunk:
+            raise StreamClosed("the peer closed the stream")
+        buf += chunk
+    return bytes(buf)
+
+
+def _is_stream_failure(e: Exception) -> bool:
+    from libp2p.exceptions import BaseLibp2pError
+
+    return isinstance(e, (BaseLibp2pError, trio.BrokenResourceError, trio.ClosedResourceError, OSError))
+
+
+def pack(obj: Any) -> bytes:
+    payload = msgpack.packb(obj, use_bin_type=True)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+async def write_frame(stream: ByteStream, obj: Any, *, timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Send one frame; return its size in bytes."""
+    data = pack(obj)
+    if len(data) - 4 > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        with trio.fail_after(timeout):
+            await stream.write(data)
+    except trio.TooSlowError as e:
+        raise FrameTimeout(f"no progress writing a frame for {timeout:.0f} s") from e
+    except Exception as e:
+        if _is_stream_failure(e):
+            raise StreamClosed(f"cannot write: {type(e).__name__}") from e
+        raise
+    return len(data)
+
+
+async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, max_size: int = MAX_FRAME) -> Any:
+    """Read one frame within `timeout` seconds; the size limit is checked before allocating."""
+    try:
+        with trio.fail_after(timeout):
+            (size,) = _LENGTH.unpack(await read_exact(stream, 4))
+            if size > max_size:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+            payload = await read_exact(stream, size)
+    except trio.TooSlowError as e:
+        raise FrameTimeout(f"no complete frame within {timeout:.1f} s") from e
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise MalformedFrame(f"frame is not valid msgpack ({type(e).__name__})") from e
+
+
+def error_frame(exc: BaseException) -> dict:
+    if isinstance(exc, MeshError):
+        return {"error": {"code": exc.code, "message": str(exc), "hint": exc.hint}}
+    return {"error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": ""}}
+
+
+def raise_if_error(frame: Any) -> Any:
+    """Return `frame` unless it is an error frame, which is raised as its typed exception."""
+    if isinstance(frame, dict) and "error" in frame and isinstance(frame["error"], dict):
+        err = frame["error"]
+        cls = ERRORS.get(str(err.get("code")), RemoteError)
+        raise cls(f"remote: {err.get('message', '')}", hint=str(err.get("hint") or ""))
+    return frame
