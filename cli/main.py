@@ -5,10 +5,14 @@ from __future__ import annotations
 import typer
 
 from mesh.cli.generate import generate
+from mesh.cli.serve import serve
+from mesh.cli.status import status
 
 app = typer.Typer(help="mesh: run and fine-tune large language models across a swarm of devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
+app.command()(serve)
+app.command()(status)
 app.command()(generate)
 
 

@@ -31,8 +31,12 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MeshError as e:
-            stderr().print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_ERROR) from None
+            _print_error(e)
+        except BaseExceptionGroup as group:  # errors raised inside trio nurseries arrive wrapped
+            mesh_errors, _ = group.split(MeshError)
+            if mesh_errors is None:
+                raise
+            _print_error(_first_leaf(mesh_errors))
         except KeyboardInterrupt:
             stderr().print("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -40,13 +44,28 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _print_error(e: BaseException) -> None:
+    text = e.one_line() if isinstance(e, MeshError) else str(e)
+    stderr().print(f"[bold red]error:[/bold red] {text}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_ERROR) from None
+
+
 def setup_logging(verbose: int) -> None:
-    """-v shows what the node does (INFO), -vv adds wire-level detail (DEBUG)."""
+    """-v shows what the node does (INFO), -vv adds mesh's details (DEBUG), -vvv adds libp2p's own."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[RichHandler(console=stderr(), show_path=False)], force=True)
-    if verbose < 3:  # libp2p's own loggers are very chatty below WARNING
-        logging.getLogger("libp2p").setLevel(max(level, logging.WARNING))
+    handler = RichHandler(console=stderr(), show_path=False)
+    if verbose < 3:  # libp2p logs routine events (dials, DHT reads) at INFO and even WARNING
+        handler.addFilter(lambda r: not r.name.startswith("libp2p") or r.levelno >= logging.ERROR)
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[handler],
+                        force=True)
+    # libp2p's logger does not propagate by default, so its messages would bypass this configuration.
+    logging.getLogger("libp2p").propagate = True
 
 
 def parse_dtype(name: str):

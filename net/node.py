@@ -244,6 +244,8 @@ class Node:
 @asynccontextmanager
 async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     """Start a host with gossip and DHT, connect to the initial peers, and always close cleanly."""
+    for addr in config.initial_peers:
+        parse_peer_addr(addr)  # bad input fails before anything starts
     key_pair = load_or_create_identity(config.identity_path)
     host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
                     connection_config=ConnectionConfig(max_connections_per_peer=1))

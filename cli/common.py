@@ -1,0 +1,29 @@
+"""Options shared by the networked commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mesh.net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, default_identity_path, env_initial_peers
+
+INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
+                      "Without any, a server starts a new swarm.")
+
+
+def initial_peers_option():
+    return typer.Option(None, "--initial-peers", "--peer", help=INITIAL_PEERS_HELP)
+
+
+def node_config(initial_peers: list[str] | None, listen: list[str] | None = None, identity: Path | None = None,
+                *, server: bool = True, ephemeral: bool = False) -> NodeConfig:
+    peers = list(initial_peers or []) or env_initial_peers()
+    if server:
+        listen = list(listen or DEFAULT_LISTEN)
+        identity_path = None if ephemeral else (identity or default_identity_path())
+    else:
+        listen = list(listen or [])
+        identity_path = identity
+    return NodeConfig(listen=listen, initial_peers=peers, identity_path=identity_path,
+                      dht_mode="server" if server else "client")

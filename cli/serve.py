@@ -1,0 +1,69 @@
+"""`mesh serve`: host a span of a model's blocks for the swarm."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import typer
+
+from mesh.cli.common import initial_peers_option, node_config
+from mesh.cli.output import one_line_errors, parse_dtype, setup_logging, write
+
+
+@one_line_errors
+def serve(
+    model: str = typer.Argument("smollm2", help="Model to serve: name, hub id, folder or .gguf."),
+    blocks: str = typer.Option("auto", help="START:END to host blocks [START, END), or auto."),
+    initial_peers: list[str] = initial_peers_option(),
+    listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337)."),
+    identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key)."),
+    new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    cache_tokens: int = typer.Option(32768, min=1, help="Attention-cache budget: sum of max_length × batch over sessions."),
+    max_length: int = typer.Option(4096, min=1, help="Longest session a client may open."),
+    public_name: str = typer.Option("", help="Name shown in `mesh status`."),
+    announce_period: float = typer.Option(5.0, min=0.2, help="Seconds between announcements."),
+    idle_timeout: float = typer.Option(300.0, min=1.0, help="Close sessions silent for this long."),
+    verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="-v: what the node does; -vv: details."),
+) -> None:
+    """Host blocks of MODEL, announce them, and answer inference and training calls until stopped.
+
+    Ctrl-C or SIGTERM drains: open sessions get a moment to finish, the swarm is told OFFLINE, then the
+    node exits. A second Ctrl-C stops at once.
+    """
+    import trio
+
+    from mesh.net.server import ServerConfig, run_server
+
+    setup_logging(verbose)
+    config = ServerConfig(model=model, blocks=blocks,
+                          node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
+                          dtype=parse_dtype(dtype), cache_tokens=cache_tokens, max_length=max_length,
+                          public_name=public_name, announce_period=announce_period, idle_timeout=idle_timeout)
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as outer:
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        if stop.is_set():  # a second signal: stop without draining
+                            outer.cancel_scope.cancel()
+                        stop.set()
+
+            outer.start_soon(on_signals)
+            async with trio.open_nursery() as inner:
+                server = await inner.start(lambda task_status: run_server(config, stop=stop, task_status=task_status))
+                for addr in server.node.join_addrs():
+                    write(f"mesh: listening on {addr}\n")
+                write(f"mesh: serving blocks {server.span.start}:{server.span.end} of {server.source.model_id} "
+                      f"({server.source.num_blocks} blocks)\n")
+            outer.cancel_scope.cancel()
+        logging.getLogger("mesh.server").info("stopped")
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass

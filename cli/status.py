@@ -1,0 +1,152 @@
+"""`mesh status`: the swarm table as one node sees it."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from mesh.cli.common import initial_peers_option, node_config
+from mesh.cli.output import one_line_errors, setup_logging, stderr, write
+
+
+@one_line_errors
+def status(
+    model: str = typer.Argument(None, help="Model to show (name, folder or model id); default: every model seen."),
+    initial_peers: list[str] = initial_peers_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+    watch: bool = typer.Option(False, "--watch", help="Keep refreshing the table until Ctrl-C."),
+    timeout: float = typer.Option(10.0, min=1.0, help="Seconds to wait for peers and their tables."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+) -> None:
+    """Print the servers of the swarm, their spans and throughput, and block coverage.
+
+    Exits with code 1 when a model is not fully covered (some block has no ONLINE server).
+    """
+    import trio
+
+    from mesh.model.errors import MeshError
+    from mesh.net.node import open_node
+    from mesh.net.swarm import open_swarm
+
+    setup_logging(verbose)
+    config = node_config(initial_peers, server=False)
+    if not config.initial_peers:
+        raise MeshError("no peer to ask", hint="pass --initial-peers MULTIADDR (printed by mesh serve)")
+    model_id = _model_id(model) if model else None
+    result: dict = {}
+
+    async def main() -> None:
+        async with open_node(config) as node, open_swarm(node) as swarm:
+            await _collect(swarm, model_id, timeout)
+            if not watch:
+                result.update(await _report(swarm, model_id))
+                return
+            from rich.live import Live
+
+            with Live(console=stderr(), refresh_per_second=2) as live:
+                while True:
+                    report = await _report(swarm, model_id)
+                    live.update(_render(report))
+                    await trio.sleep(2.0)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return
+    if as_json:
+        write(json.dumps(result, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+        console.print(_render(result))
+    if not result["models"] or not all(m["covered"] for m in result["models"]):
+        raise typer.Exit(1)
+
+
+def _model_id(ref: str) -> str:
+    from mesh.model.errors import MeshError
+    from mesh.model.sources import _slug, resolve_model
+
+    try:
+        return resolve_model(ref, progress=False).model_id
+    except MeshError:
+        return _slug(ref.rstrip("/").split("/")[-1])  # a model id as announced, e.g. from another machine
+
+
+async def _collect(swarm, model_id: str | None, timeout: float) -> None:
+    import trio
+
+    if model_id is not None:
+        await swarm.discover(model_id, timeout=timeout)
+        return
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as n:
+            for peer in swarm.node.connected_peers():
+                n.start_soon(swarm._try_snapshot, peer, "", timeout)
+    for mid in {i.model_id for i in swarm.table.all()}:
+        await swarm.follow(mid)
+
+
+async def _report(swarm, model_id: str | None) -> dict:
+    import trio
+
+    from mesh.net.client import ping
+
+    servers = swarm.table.all(model_id)
+    rtts: dict[str, float | None] = {}
+
+    async def measure(peer: str) -> None:
+        try:
+            rtts[peer] = await ping(swarm.node, peer, count=2, timeout=3.0)
+        except Exception:
+            rtts[peer] = None
+
+    async with trio.open_nursery() as n:
+        for info in servers:
+            n.start_soon(measure, info.peer_id)
+    models = []
+    for mid in sorted({i.model_id for i in servers} | ({model_id} if model_id else set())):
+        mine = [i for i in servers if i.model_id == mid]
+        total = max([i.total_blocks for i in mine] + [i.end for i in mine] + [0])
+        counts = swarm.table.coverage(mid, total)
+        per_block = swarm.table.block_throughput(mid, total)
+        missing = [b for b, c in enumerate(counts) if c == 0]
+        models.append({
+            "model_id": mid, "num_blocks": total, "covered": total > 0 and not missing, "missing_blocks": missing,
+            "servers_per_block": counts, "throughput_per_block": [round(t, 2) for t in per_block],
+            "servers": [dict(i.to_wire(), rtt=rtts.get(i.peer_id)) for i in mine],
+        })
+    return {"models": models}
+
+
+def _render(report: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from mesh.net.swarm import coverage_summary
+
+    parts = []
+    if not report.get("models"):
+        return Text("no servers found", style="yellow")
+    for m in report["models"]:
+        table = Table(title=f"{m['model_id']} ({m['num_blocks']} blocks)", title_justify="left")
+        for col in ("name", "peer", "blocks", "state", "tok/s/block", "free cache", "rtt ms", "dtype",
+                    "version", "relayed"):
+            table.add_column(col)
+        for s in m["servers"]:
+            rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
+            table.add_row(s["public_name"] or "-", s["peer_id"][-8:], f"{s['start']}:{s['end']}", s["state"],
+                          f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt, s["dtype"], s["version"],
+                          "yes" if s["relayed"] else "no")
+        style = "green" if m["covered"] else "red"
+        line = coverage_summary(m["servers_per_block"]) if m["num_blocks"] else "no blocks known"
+        parts += [table, Text(line, style=style)]
+        if m["num_blocks"]:
+            low = min(m["throughput_per_block"])
+            parts.append(Text(f"bottleneck: {low:.1f} tokens/s at block {m['throughput_per_block'].index(low)}"))
+    return Group(*parts)
