@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,16 @@ def smollm2_model(smollm2):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(smollm2.path), dtype=torch.float32).eval()
+
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+@asynccontextmanager
+async def running_nodes(n: int, **kwargs):
+    """n libp2p nodes on loopback; entered and left in the calling task, as trio requires."""
+    from mesh.net.node import NodeConfig, open_node
+
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_node(NodeConfig(listen=LOOPBACK, **kwargs)))
+               for _ in range(n)]
