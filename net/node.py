@@ -9,8 +9,9 @@
 - Leaving `host.run()` leaks connections and tasks: `open_node` always awaits `host.close()`, shielded
   and bounded, before leaving.
 - GossipSub defaults drop messages (heartbeat 120 s, 10 msg/s spam limit, IP-diversity rule that refuses
-  a mesh of peers on one address): we set heartbeat 1 s and turn both protections off; messages are
-  signed and validated instead.
+  a mesh of peers on one address, a 32-message subscription queue): we set heartbeat 1 s, turn both
+  protections off (messages are signed and validated instead) and subscribe with a deep queue. The
+  per-peer outbound queue (32 RPCs) stays: a server publishes one announcement per period.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ DEFAULT_LISTEN = [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"]
 ENV_INITIAL_PEERS = "MESH_INITIAL_PEERS"
 MAX_STREAMS_PER_PEER = 128  # Yamux hangs at 256
 CLOSE_TIMEOUT = 5.0
+SUBSCRIPTION_QUEUE = 4096
 
 Handler = Callable[["trio.abc.Stream"], Awaitable[None]]
 
@@ -149,6 +151,14 @@ class Node:
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
 
+    async def subscribe(self, topic: str, queue: int = SUBSCRIPTION_QUEUE):
+        """Subscribe with a deep queue: libp2p's 32-message queue drops bursts silently."""
+        sub = await self.pubsub.subscribe(topic)
+        send, receive = trio.open_memory_channel(queue)
+        self.pubsub.subscribed_topics_send[topic] = send
+        sub.receive_channel = receive
+        return sub
+
     def set_handler(self, name: str, handler: Handler) -> None:
         """Serve `/mesh/<name>/<version>`; the handler can never take the node down."""
         proto = TProtocol(wire.protocol_id(name))
@@ -161,13 +171,11 @@ class Node:
                 log.debug("%s: %s closed the stream", name, peer)
             except Exception as e:
                 log.warning("%s: request from %s failed: %s", name, peer, _one_line(e))
-                with trio.move_on_after(1.0):
-                    try:
-                        await wire.write_frame(stream, wire.error_frame(e), timeout=1.0)
-                    except Exception:
-                        pass
-                await _reset(stream)
-                return
+                try:  # answer with the error, then close (a reset could overtake the answer)
+                    await wire.write_frame(stream, wire.error_frame(e), timeout=1.0)
+                except Exception:
+                    await _reset(stream)
+                    return
             await _close(stream)
 
         self.host.set_stream_handler(proto, guarded)
@@ -255,6 +263,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     pubsub = Pubsub(host, gossip)
     dht = KadDHT(host, DHTMode.SERVER if config.dht_mode == "server" else DHTMode.CLIENT)
     listen = [multiaddr.Multiaddr(a) for a in config.listen]
+    join_error: MeshError | None = None
     async with trio.open_nursery() as nursery:
         try:
             async with AsyncExitStack() as stack:
@@ -266,14 +275,25 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     await pubsub.wait_until_ready()
                 node = Node(host, pubsub, gossip, dht, config, nursery)
                 log.info("node %s listening on %s", _short(node.peer_id), ", ".join(node.addrs))
-                await _join(node, config.initial_peers)
                 try:
-                    yield node
-                finally:
-                    nursery.cancel_scope.cancel()
+                    await _join(node, config.initial_peers)
+                except MeshError as e:  # raised below, outside the nursery, so callers see it unwrapped
+                    join_error = e
+                else:
+                    try:
+                        yield node
+                    finally:
+                        await _close_host(host)  # inside run(): leaving run() alone leaks connections
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await host.close()
+            nursery.cancel_scope.cancel()
+            await _close_host(host)
+    if join_error is not None:
+        raise join_error
+
+
+async def _close_host(host) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        await host.close()  # idempotent
 
 
 async def _join(node: Node, peers: list[str]) -> None:

@@ -174,7 +174,7 @@ class Swarm:
         self._followed.add(model_id)
         name = topic(model_id)
         self.node.pubsub.set_topic_validator(name, _signed_by_announcer, False)
-        sub = await self.node.pubsub.subscribe(name)
+        sub = await self.node.subscribe(name)
         self.node.nursery.start_soon(self._drain, sub, name)
 
     async def _drain(self, sub, name: str) -> None:

@@ -1,0 +1,179 @@
+"""The libp2p node and the swarm table, with real hosts on loopback (py-libp2p's traps, one by one)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from mesh.net import wire
+from mesh.net.messages import Ping, Pong
+from mesh.net.node import MAX_STREAMS_PER_PEER, NodeConfig, open_node
+from mesh.net.swarm import ServerInfo, ServerState, SwarmTable, open_swarm
+
+from conftest import LOOPBACK, running_nodes
+
+
+def info(peer: str, start: int = 0, end: int = 4, state=ServerState.ONLINE, model: str = "m", ttl: float = 15.0):
+    return ServerInfo(peer, model, start, end, state, timestamp=time.time(), ttl=ttl)
+
+
+async def test_connect_is_fast():
+    """No 250 ms happy-eyeballs wait per dial."""
+    async with running_nodes(2) as (a, b):
+        t0 = time.perf_counter()
+        await b.connect(a.addrs[0])
+        assert time.perf_counter() - t0 < 0.15
+
+
+async def test_handler_error_is_answered_and_node_survives():
+    async with running_nodes(2) as (a, b):
+        async def broken(stream):
+            await wire.read_frame(stream, timeout=5)
+            raise RuntimeError("boom")
+
+        async def pong(stream):
+            ping = Ping.from_wire(await wire.read_frame(stream, timeout=5))
+            await wire.write_frame(stream, Pong(ping.nonce).to_wire())
+
+        a.set_handler("broken", broken)
+        a.set_handler("pong", pong)
+        await b.connect(a.addrs[0])
+        with pytest.raises(wire.RemoteError, match="boom"):
+            await b.request(a.peer_id, "broken", Ping(1), timeout=5)
+        reply = await b.request(a.peer_id, "pong", Ping(7), timeout=5, reply=Pong)
+        assert reply.nonce == 7
+
+
+async def test_more_streams_than_yamux_allows_do_not_hang():
+    """Yamux blocks the 257th concurrent stream forever; our per-peer bound queues them instead."""
+    async with running_nodes(2) as (a, b):
+        release = trio.Event()
+
+        async def hold(stream):
+            await release.wait()
+            await wire.write_frame(stream, {"ok": True})
+
+        a.set_handler("hold", hold)
+        await b.connect(a.addrs[0])
+        done = []
+
+        async def one():
+            async with b.stream(a.peer_id, "hold", timeout=30) as s:
+                done.append((await wire.read_frame(s, timeout=30))["ok"])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                for _ in range(300):
+                    n.start_soon(one)
+                await trio.sleep(1.0)
+                assert b._stream_slots[a.peer_id].value == 0  # all slots in use, the rest wait
+                release.set()
+        assert len(done) == 300 and MAX_STREAMS_PER_PEER < 256
+
+
+async def test_stalled_peer_hits_read_deadline():
+    async with running_nodes(2) as (a, b):
+        async def silent(stream):
+            await trio.sleep(30)
+
+        a.set_handler("silent", silent)
+        await b.connect(a.addrs[0])
+        t0 = time.perf_counter()
+        with pytest.raises(wire.FrameTimeout):
+            await b.request(a.peer_id, "silent", Ping(1), timeout=0.5)
+        assert time.perf_counter() - t0 < 3
+
+
+async def test_identity_persists(tmp_path):
+    key = tmp_path / "id.key"
+    async with open_node(NodeConfig(listen=LOOPBACK, identity_path=key)) as n1:
+        first = n1.peer_id
+    assert key.stat().st_mode & 0o777 == 0o600
+    async with open_node(NodeConfig(listen=LOOPBACK, identity_path=key)) as n2:
+        assert n2.peer_id == first
+
+
+async def test_close_leaves_no_connection():
+    async with running_nodes(1) as (a,):
+        async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[a.addrs[0]])) as b:
+            assert b.peer_id in a.connected_peers()
+        with trio.fail_after(5):
+            while b.peer_id in a.connected_peers():
+                await trio.sleep(0.05)
+
+
+async def test_unreachable_initial_peers_fail_clearly():
+    from mesh.net.node import PeerUnavailable
+
+    with trio.fail_after(30):
+        with pytest.raises(PeerUnavailable, match="none of the 1 initial peers"):
+            async with open_node(NodeConfig(listen=LOOPBACK, connect_timeout=3, initial_peers=[
+                    "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGfF2mBkoXqiJwoVaRwm3qTFopm1XreeKQCyvjfMZTyms"])):
+                pass
+
+
+def test_table_expiry_and_offline():
+    now = [1000.0]
+    table = SwarmTable(clock=lambda: now[0])
+    table.update(ServerInfo("a", "m", 0, 4, ServerState.ONLINE, timestamp=1000.0, ttl=5))
+    table.update(ServerInfo("b", "m", 4, 8, ServerState.ONLINE, timestamp=1000.0, ttl=50))
+    assert table.coverage("m", 8) == [1] * 8
+    now[0] = 1006.0
+    assert [i.peer_id for i in table.servers("m")] == ["b"]
+    table.update(ServerInfo("b", "m", 4, 8, ServerState.OFFLINE, timestamp=1006.0))
+    assert table.servers("m") == []
+    table.update(ServerInfo("c", "m", 0, 8, ServerState.ONLINE, timestamp=1006.0))
+    table.update(ServerInfo("c", "m", 0, 2, ServerState.ONLINE, timestamp=1001.0))  # stale copy
+    assert table.get("c").end == 8
+
+
+async def test_gossip_crosses_a_chain_and_bursts_are_not_dropped():
+    """25 announcements at once (above the default 10 msg/s spam limit) all cross two hops."""
+    import msgpack
+
+    from mesh.net.swarm import topic
+
+    async with running_nodes(1) as (a,):
+        async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[a.addrs[0]])) as b:
+            async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[b.addrs[0]])) as c:
+                async with open_swarm(a) as sa, open_swarm(b, ["m"]):
+                    sub = await c.subscribe(topic("m"))
+                    await sa.follow("m")
+                    await trio.sleep(1.5)  # one heartbeat to graft the mesh
+                    for end in range(1, 26):
+                        await sa.announce(ServerInfo(a.peer_id, "m", 0, end, ServerState.ONLINE))
+                    seen = set()
+                    with trio.fail_after(5):
+                        while len(seen) < 25:
+                            seen.add(msgpack.unpackb((await sub.get()).data)["end"])
+                    assert c.peer_id not in a.connected_peers()  # it came over two hops
+
+
+async def test_newcomer_gets_snapshot_at_once():
+    async with running_nodes(1) as (a,):
+        async with open_swarm(a) as sa:
+            await sa.announce(ServerInfo(a.peer_id, "m", 0, 5, ServerState.ONLINE))
+            async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[a.addrs[0]])) as b, open_swarm(b) as sb:
+                t0 = time.perf_counter()
+                await sb.discover("m", timeout=5)
+                assert [i.end for i in sb.table.servers("m")] == [5]
+                assert time.perf_counter() - t0 < 1.0
+
+
+async def test_dht_finds_a_models_server_when_bootstrap_is_not_one():
+    """A client bootstrapping through an unrelated peer finds the model's server via provider records."""
+    async with running_nodes(1) as (relay,):
+        async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[relay.addrs[0]])) as server, \
+                open_swarm(relay), open_swarm(server) as ss:
+            await ss.announce(ServerInfo(server.peer_id, "m", 0, 5, ServerState.ONLINE))
+            async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[relay.addrs[0]], dht_mode="client")) as c, \
+                    open_swarm(c) as sc:
+                t0 = time.perf_counter()
+                with trio.fail_after(15):
+                    while not sc.table.servers("m"):  # the provider record may still be on its way
+                        await sc.discover("m", timeout=5)
+                assert relay.peer_id in c.connected_peers() and server.peer_id in c.connected_peers()
+                assert [i.peer_id for i in sc.table.servers("m")] == [server.peer_id]
+                print(f"found through the DHT in {time.perf_counter() - t0:.2f} s")
