@@ -206,7 +206,8 @@ class Node:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), maddrs, 3600)
 
     @asynccontextmanager
-    async def stream(self, peer_id: str, name: str, *, timeout: float = 10.0) -> AsyncIterator[object]:
+    async def stream(self, peer_id: str, name: str, *, timeout: float = 10.0,
+                     version: str = wire.PROTOCOL_VERSION) -> AsyncIterator[object]:
         """An outgoing stream speaking `/mesh/<name>/…`, bounded per peer, closed on exit."""
         slots = self._stream_slots[peer_id]
         try:
@@ -218,15 +219,15 @@ class Node:
             try:
                 with trio.fail_after(timeout):
                     stream = await self.host.new_stream(ID.from_base58(peer_id),
-                                                        [TProtocol(wire.protocol_id(name))])
+                                                        [TProtocol(wire.protocol_id(name, version))])
             except trio.TooSlowError as e:
                 raise PeerUnavailable(f"{_short(peer_id)} did not open a {name} stream within {timeout:.0f} s") from e
             except MeshError:
                 raise
             except Exception as e:
                 text = _one_line(e)
-                if "protocol" in text.lower() and "not supported" in text.lower() or "negotiat" in text.lower():
-                    raise wire.UnknownVersion(f"{_short(peer_id)} does not speak {wire.protocol_id(name)}",
+                if _protocol_refused(e):
+                    raise wire.UnknownVersion(f"{_short(peer_id)} does not speak {wire.protocol_id(name, version)}",
                                               hint="the peer runs an incompatible mesh version") from e
                 raise PeerUnavailable(f"cannot open a {name} stream to {_short(peer_id)}: {text}") from e
             ok = False
@@ -335,6 +336,15 @@ async def _reset(stream) -> None:
         await stream.reset()
     except Exception:
         pass
+
+
+def _protocol_refused(e: BaseException | None) -> bool:
+    """multistream-select answered "na": the peer is up but does not speak this protocol id."""
+    while e is not None:
+        if "protocols not supported" in str(e) or "protocol not supported" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _short(peer_id: str) -> str:

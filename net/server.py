@@ -269,7 +269,7 @@ class Server:
             log.info("session %s closed", opened.session_id[:8])
 
     async def _session_loop(self, stream, span: Span, cache, opened: OpenSession) -> None:
-        limit = opened.max_length * opened.batch_size * span.hidden_size
+        limit = self._max_numel()  # per-session lengths are checked by the span, with a clear max_length error
         while True:
             try:
                 frame = await wire.read_frame(stream, timeout=self.config.idle_timeout)

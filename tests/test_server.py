@@ -1,0 +1,129 @@
+"""A server in this trio run, called over real libp2p: exactness, sessions, budget, bad input."""
+
+from __future__ import annotations
+
+import struct
+from contextlib import asynccontextmanager
+
+import pytest
+import torch
+import trio
+
+from mesh.model.errors import BadRequest, MaxLengthExceeded
+from mesh.model.span import load_span
+from mesh.net import wire
+from mesh.net.client import open_session, ping, remote_backward, remote_forward, server_info
+from mesh.net.messages import ForwardRequest
+from mesh.net.node import NodeConfig, PeerUnavailable, open_node
+from mesh.net.server import ServerConfig, run_server
+from mesh.net.swarm import open_swarm
+
+from conftest import LOOPBACK
+
+
+@asynccontextmanager
+async def server_and_client(folder, blocks="1:5", **kwargs):
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        config = ServerConfig(str(folder), blocks, NodeConfig(listen=LOOPBACK), announce_period=1, **kwargs)
+        server = await n.start(lambda task_status: run_server(config, stop=stop, task_status=task_status))
+        async with open_node(NodeConfig(listen=LOOPBACK, initial_peers=[server.node.addrs[0]],
+                                        dht_mode="client")) as client, open_swarm(client) as swarm:
+            await swarm.discover(server.source.model_id, timeout=5)
+            (info,) = swarm.table.servers(server.source.model_id)
+            yield server, client, info
+        stop.set()
+
+
+def inputs(batch=2, length=9, hidden=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, hidden, generator=g), torch.arange(length).expand(batch, length)
+
+
+async def test_forward_backward_and_session_equal_local_span(tiny_dirs):
+    folder = tiny_dirs["llama"]
+    async with server_and_client(folder) as (server, client, info):
+        local = load_span(folder, server.source.config, 1, 5)
+        x, pos = inputs()
+        assert torch.equal(await remote_forward(client, info, 1, 5, x, pos), local(x, pos))
+        grad_out = torch.randn_like(x)
+        grad, _ = await remote_backward(client, info, 1, 5, x, grad_out, pos)
+        assert torch.equal(grad, local.backward(x, grad_out, pos)[0])
+        sub = local.sub(2, 5)
+        cache = sub.new_cache(2, 32)
+        async with open_session(client, info, 2, 5, max_length=32, batch_size=2) as session:
+            for t in range(4):  # prefill then single-token steps
+                chunk = slice(0, 6) if t == 0 else slice(5 + t, 6 + t)
+                xs, ps = inputs(length=12)
+                got = await session.step(xs[:, chunk], ps[:, chunk])
+                assert torch.equal(got, sub(xs[:, chunk], ps[:, chunk], cache))
+            # a re-sent step (same position) rolls the server back: still exact
+            cache.rollback(8)
+            got = await session.step(xs[:, 8:9], ps[:, 8:9], position=8)
+            assert torch.equal(got, sub(xs[:, 8:9], ps[:, 8:9], cache))
+        assert (await ping(client, info.peer_id)) < 0.5
+        counters = (await server_info(client, info.peer_id)).counters
+        assert counters["forwards"] == 1 and counters["backwards"] == 1 and counters["steps_from_clients"] == 5
+
+
+async def test_two_sessions_budget_and_idle_timeout(tiny_dirs):
+    async with server_and_client(tiny_dirs["llama"], cache_tokens=100, idle_timeout=1.0) as (server, client, info):
+        x, pos = inputs(batch=1, length=4)
+        async with open_session(client, info, 1, 5, max_length=50) as s1, \
+                open_session(client, info, 1, 5, max_length=50) as s2:
+            a = await s1.step(x, pos)
+            b = await s2.step(x * 2, pos)
+            assert not torch.equal(a, b)
+            assert server.budget.used == 100
+            with pytest.raises(wire.Busy):
+                async with open_session(client, info, 1, 5, max_length=10):
+                    pass
+        # both closed: the budget is free again
+        async with open_session(client, info, 1, 5, max_length=100) as s3:
+            await s3.step(x, pos)
+            await trio.sleep(2.0)  # idle longer than the timeout: the server closes the session
+            with pytest.raises(PeerUnavailable):
+                await s3.step(x[:, :1], pos[:, :1] + 4, timeout=5)
+        assert server.budget.used == 0
+
+
+async def test_bad_requests_get_errors_and_the_server_goes_on(tiny_dirs):
+    async with server_and_client(tiny_dirs["llama"]) as (server, client, info):
+        x, pos = inputs()
+
+        async def raw(name, payload: bytes):
+            async with client.stream(info.peer_id, name) as s:
+                await s.write(payload)
+                return await wire.read_frame(s, timeout=10)
+
+        garbage = await raw("forward", struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+        assert garbage["error"]["code"] == "bad_request"
+        oversized = await raw("forward", struct.pack(">I", 2**31 - 1))
+        assert oversized["error"]["code"] == "too_large"
+        frame = ForwardRequest(1, 5, x, pos).to_wire()
+        async with client.stream(info.peer_id, "forward") as s:  # truncated: the server times out, no wedge
+            data = wire.pack(frame)
+            await s.write(data[: len(data) // 2])
+        future = dict(frame, v="9.0.0")
+        assert (await raw("forward", wire.pack(future)))["error"]["code"] == "unknown_version"
+        with pytest.raises(wire.UnknownVersion):
+            async with client.stream(info.peer_id, "forward", version="9.0.0"):
+                pass
+        with pytest.raises(BadRequest, match="hidden states must be"):
+            await remote_forward(client, info, 1, 5, torch.randn(2, 9, 63), pos)
+        with pytest.raises(BadRequest, match="outside"):
+            await remote_forward(client, info, 0, 5, x, pos)
+        async with open_session(client, info, 1, 5, max_length=10, batch_size=2) as session:
+            with pytest.raises(MaxLengthExceeded):
+                await session.step(*inputs(length=11))
+            with pytest.raises(BadRequest, match="expects 5 cached tokens"):
+                await session.step(x[:, :1], pos[:, :1], position=5)
+            out = await session.step(x[:, :3], pos[:, :3], position=0)  # the session still works
+            assert out.shape == (2, 3, 64)
+        with pytest.raises(BadRequest):
+            async with open_session(client, info, 1, 5, max_length=10, batch_size=0):
+                pass
+        # after all that, a correct request is answered exactly
+        local = load_span(tiny_dirs["llama"], server.source.config, 1, 5)
+        assert torch.equal(await remote_forward(client, info, 1, 5, x, pos), local(x, pos))
+        assert server.counters.errors >= 2
