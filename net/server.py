@@ -321,6 +321,7 @@ class Server:
         for scope in list(self.sessions.values()):
             scope.cancel()
         await self.set_state(ServerState.OFFLINE)
+        await self.swarm.flush()
 
 
 async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,

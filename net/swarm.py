@@ -141,6 +141,7 @@ class SwarmTable:
         return self.servers(model_id, states=tuple(ServerState))
 
     def get(self, peer_id: str) -> ServerInfo | None:
+        self.expire()
         return self._entries.get(peer_id)
 
     def coverage(self, model_id: str, num_blocks: int) -> list[int]:
@@ -203,6 +204,15 @@ class Swarm:
         if info.state == ServerState.ONLINE and info.model_id not in self._provided:
             self._provided.add(info.model_id)
             self.node.nursery.start_soon(self._provide, info.model_id)
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until queued gossip is written: a goodbye must leave before the host closes."""
+        queues = getattr(self.node.pubsub, "peer_queues", {})
+        live = set(self.node.host.get_connected_peers())
+        with trio.move_on_after(timeout):
+            while any(len(q) for peer, q in queues.items() if peer in live):
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)  # the writer task may still be inside its last write
 
     async def _provide(self, model_id: str) -> None:
         with trio.move_on_after(20):

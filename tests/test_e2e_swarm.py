@@ -1,0 +1,81 @@
+"""Three `mesh serve` processes on loopback: the swarm table, SIGKILL and SIGTERM, seen from outside."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import trio
+
+from mesh.net.node import NodeConfig, open_node
+from mesh.net.swarm import ServerState, open_swarm
+
+from conftest import make_tiny
+from procs import run_mesh, serve
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny30(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
+    make_tiny("llama", layers=30).save_pretrained(folder)
+    return folder
+
+
+async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
+    procs = []
+    try:
+        first = serve(tiny30, "0:10", tmp_path / "s0.log")
+        procs.append(first)
+        boot = await first.wait_ready()
+        procs += [serve(tiny30, "10:20", tmp_path / "s1.log", [boot]),
+                  serve(tiny30, "20:30", tmp_path / "s2.log", [boot])]
+        for p in procs[1:]:
+            await p.wait_ready()
+        ready = time.monotonic()
+
+        # `mesh status --json` shows all three covering every block within 10 s of the last one starting
+        while True:
+            result = await run_mesh("status", "tiny30", "--initial-peers", boot, "--json", "--timeout", "5")
+            report = json.loads(result.stdout)
+            (model,) = report["models"]
+            if model["covered"]:
+                break
+            assert time.monotonic() - ready < 10, result.stdout
+        assert result.returncode == 0
+        assert sorted((s["start"], s["end"]) for s in model["servers"]) == [(0, 10), (10, 20), (20, 30)]
+        assert model["servers_per_block"] == [1] * 30
+        assert time.monotonic() - ready < 10
+
+        async with open_node(NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], initial_peers=[boot],
+                                        dht_mode="client")) as node, open_swarm(node) as swarm:
+            await swarm.discover("tiny30", timeout=5)
+            assert len(swarm.table.servers("tiny30")) == 3
+
+            # SIGKILL: no goodbye, the entry expires (ttl = 3 announce periods = 3 s)
+            killed = procs[1]
+            killed.signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            gone = await swarm.wait_for(lambda t: t.get(killed.peer_id) is None, timeout=10)
+            assert gone and time.monotonic() - t0 < 3 + 2
+
+            # SIGTERM: drain, announce OFFLINE, exit; the table drops it at once
+            termed = procs[2]
+            termed.signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            gone = await swarm.wait_for(
+                lambda t: t.get(termed.peer_id) is None or t.get(termed.peer_id).state != ServerState.ONLINE, 5)
+            assert gone and time.monotonic() - t0 < 1.5
+            assert await termed.wait_exit(15) == 0
+            assert "state OFFLINE" in termed.output()
+
+        result = await run_mesh("status", "tiny30", "--initial-peers", boot, "--json", "--timeout", "5")
+        assert result.returncode == 1  # blocks 10:30 are no longer covered
+        (model,) = json.loads(result.stdout)["models"]
+        assert model["missing_blocks"] == list(range(10, 30))
+    finally:
+        for p in procs:
+            p.cleanup()
