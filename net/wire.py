@@ -27,6 +27,22 @@ class ByteStream(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
+class TrioByteStream:
+    """A trio stream with libp2p's `read`/`write` interface, so the same framing runs over raw TCP."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self.stream.receive_some(n)
+        if not data:
+            raise EOFError
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
 def protocol_id(name: str, version: str = PROTOCOL_VERSION) -> str:
     """`/mesh/<name>/<version>`: libp2p negotiates the exact id, our frames carry the version too."""
     return f"/mesh/{name}/{version}"

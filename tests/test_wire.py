@@ -15,25 +15,9 @@ from mesh.net import wire
 from conftest import running_nodes
 
 
-class Pipe:
-    """A trio byte stream with the read/write interface of a libp2p stream."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    async def read(self, n: int | None = None) -> bytes:
-        data = await self.stream.receive_some(n)
-        if not data:
-            raise EOFError
-        return data
-
-    async def write(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-
 def pipes():
     a, b = trio.testing.memory_stream_pair()
-    return Pipe(a), Pipe(b)
+    return wire.TrioByteStream(a), wire.TrioByteStream(b)
 
 
 async def test_frame_round_trip():
