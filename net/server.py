@@ -16,15 +16,15 @@ import torch
 import trio
 
 from mesh import __version__
-from mesh.model.errors import BadRequest, MeshError
+from mesh.model.errors import BadRequest
 from mesh.model.sources import ModelSource, resolve_model
 from mesh.model.span import Span, load_span
 from mesh.net import wire
 from mesh.net.codec import check_compression
-from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
-                               InfoReply, InfoRequest, Message, OpenSession, Ping, Pong, Relink,
-                               SessionOpened, Step, StepResult)
+from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
+                               InfoRequest, OpenSession, Ping, Pong, SessionOpened, Step)
 from mesh.net.node import Node, NodeConfig, open_node, short_id
+from mesh.net.sessions import ServerSession
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
 
 log = logging.getLogger("mesh.server")
@@ -53,6 +53,7 @@ class Counters:
     sessions_open: int = 0
     steps_from_clients: int = 0
     steps_from_pushes: int = 0
+    pushes_sent: int = 0
     forwards: int = 0
     backwards: int = 0
     errors: int = 0
@@ -116,7 +117,7 @@ class Server:
         self.budget = CacheBudget(config.cache_tokens)
         self.counters = Counters()
         self.state = ServerState.JOINING
-        self.sessions: dict[str, trio.CancelScope] = {}
+        self.sessions: dict[str, ServerSession] = {}
         self.throughput = 0.0
         self.inference_rps = 0.0
         self.forward_rps = 0.0
@@ -178,6 +179,7 @@ class Server:
 
     def register(self) -> None:
         self.node.set_handler("inference", self.handle_inference)
+        self.node.set_handler("push", self.handle_push)
         self.node.set_handler("forward", self.handle_forward)
         self.node.set_handler("backward", self.handle_backward)
         self.node.set_handler("info", self.handle_info)
@@ -255,12 +257,12 @@ class Server:
         peer = short_id(stream.muxed_conn.peer_id.to_base58())
         log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", opened.session_id[:8], peer,
                  span.start, span.end, opened.batch_size, opened.max_length)
+        session = ServerSession(self.node, opened, span, stream, self._step, self.counters,
+                                self.config.idle_timeout, self._max_numel())
         try:
-            with trio.CancelScope() as scope:
-                self.sessions[opened.session_id] = scope
-                cache = span.new_cache(opened.batch_size, opened.max_length)
-                await wire.write_frame(stream, SessionOpened(opened.session_id, opened.max_length).to_wire())
-                await self._session_loop(stream, span, cache, opened)
+            self.sessions[opened.session_id] = session
+            await wire.write_frame(stream, SessionOpened(opened.session_id, opened.max_length).to_wire())
+            await session.run()
         finally:
             self.sessions.pop(opened.session_id, None)
             self.budget.release(tokens)
@@ -268,33 +270,20 @@ class Server:
             self._announce_now.set()
             log.info("session %s closed", opened.session_id[:8])
 
-    async def _session_loop(self, stream, span: Span, cache, opened: OpenSession) -> None:
-        limit = self._max_numel()  # per-session lengths are checked by the span, with a clear max_length error
+    async def handle_push(self, stream) -> None:
+        """Steps pushed by the previous server of a chain, each addressed to one of our sessions."""
         while True:
             try:
-                frame = await wire.read_frame(stream, timeout=self.config.idle_timeout)
-            except wire.FrameTimeout:
-                log.info("session %s idle for %.0f s: closing", opened.session_id[:8], self.config.idle_timeout)
-                return
+                frame = await wire.read_frame(stream, timeout=self.config.idle_timeout + 60)
             except wire.StreamClosed:
                 return
-            try:
-                msg = Message.from_wire(wire.raise_if_error(frame), max_numel=limit)
-                if isinstance(msg, CloseSession):
-                    return
-                if isinstance(msg, Relink):
-                    continue
-                if not isinstance(msg, Step):
-                    raise BadRequest(f"unexpected {msg.TYPE} in a session")
-                out = await self._step(span, cache, msg)
-                self.counters.steps_from_clients += 1
-                await wire.write_frame(stream, StepResult(msg.step_id, msg.position, out).to_wire(opened.compression))
-            except (wire.StreamClosed, wire.FrameTimeout):
-                return
-            except MeshError as e:  # a bad step is answered; the session stays usable
-                self.counters.errors += 1
-                log.info("session %s: %s", opened.session_id[:8], e.one_line())
-                await wire.write_frame(stream, wire.error_frame(e))
+            step = Step.from_wire(frame, max_numel=self._max_numel())
+            session = self.sessions.get(step.session_id)
+            if session is None:
+                err = BadRequest(f"no session {step.session_id[:8]} here", hint="it expired or was never opened")
+                await wire.write_frame(stream, wire.error_frame(err, step_id=step.step_id))
+                continue
+            await session.deliver_push(step)
 
     async def _step(self, span: Span, cache, step: Step) -> torch.Tensor:
         if step.position > cache.length:
@@ -318,8 +307,8 @@ class Server:
         with trio.move_on_after(self.config.drain_timeout):
             while self.sessions:
                 await trio.sleep(0.1)
-        for scope in list(self.sessions.values()):
-            scope.cancel()
+        for session in list(self.sessions.values()):
+            session.cancel()
         await self.set_state(ServerState.OFFLINE)
         await self.swarm.flush()
 

@@ -165,10 +165,13 @@ async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, ma
         raise MalformedFrame(f"frame is not valid msgpack ({type(e).__name__})") from e
 
 
-def error_frame(exc: BaseException) -> dict:
+def error_frame(exc: BaseException, **context: object) -> dict:
+    """`context` (e.g. step_id, peer_id) tells the receiver which step or peer the error is about."""
     if isinstance(exc, MeshError):
-        return {"error": {"code": exc.code, "message": str(exc), "hint": exc.hint}}
-    return {"error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": ""}}
+        err = {"code": exc.code, "message": str(exc), "hint": exc.hint}
+    else:
+        err = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:500], "hint": ""}
+    return {"error": err | context}
 
 
 def raise_if_error(frame: Any) -> Any:
@@ -176,5 +179,8 @@ def raise_if_error(frame: Any) -> Any:
     if isinstance(frame, dict) and "error" in frame and isinstance(frame["error"], dict):
         err = frame["error"]
         cls = ERRORS.get(str(err.get("code")), RemoteError)
-        raise cls(f"remote: {err.get('message', '')}", hint=str(err.get("hint") or ""))
+        exc = cls(f"remote: {err.get('message', '')}", hint=str(err.get("hint") or ""))
+        exc.step_id = err.get("step_id")  # type: ignore[attr-defined]
+        exc.peer_id = err.get("peer_id")  # type: ignore[attr-defined]
+        raise exc
     return frame
