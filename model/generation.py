@@ -1,6 +1,6 @@
 """Text generation over any chain of blocks that keeps its own caches.
 
-`run_blocks(hidden, position_ids, attention_mask) -> hidden` is the only thing generation needs from
+`run_blocks(hidden, position_ids, attention_mask, position) -> hidden` is the only thing generation needs from
 the blocks: local spans (`LocalSpans`) and remote inference sessions both provide it, so the local
 reference run and the swarm share every line below. Logit processing uses transformers' own processor
 classes in the order `generate()` applies them, so greedy and seeded sampling match `generate()`.
@@ -25,8 +25,11 @@ from mesh.model.span import Span
 
 
 class RunBlocks(Protocol):
+    """Run new tokens through every block. `position` is how many tokens the caches should already hold:
+    a chain whose caches are ahead (a step whose answer was lost) rolls back to it."""
+
     def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None) -> torch.Tensor: ...
+                 attention_mask: torch.Tensor | None, position: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -67,8 +70,10 @@ class LocalSpans:
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None, position: int) -> torch.Tensor:
         for span, cache in zip(self.spans, self.caches):
+            if cache.length > position:
+                cache.rollback(position)
             hidden = span(hidden, position_ids, cache, attention_mask)
         return hidden
 
@@ -151,7 +156,7 @@ class Generator:
         positions = positions.masked_fill(self.mask == 0, 1)[:, self.fed:]
         new_mask = self.mask[:, self.fed:]
         hidden = self.head.embed(new_ids)
-        hidden = self.run_blocks(hidden, positions, new_mask)
+        hidden = self.run_blocks(hidden, positions, new_mask, self.fed)
         self.fed = self.ids.shape[1]
         return self.head.logits(hidden[:, -1:, :])
 

@@ -24,12 +24,14 @@ from mesh.net.codec import check_compression
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                                InfoRequest, OpenSession, Ping, Pong, SessionOpened, Step)
 from mesh.net.node import Node, NodeConfig, open_node, short_id
+from mesh.net.latency import RttTracker
 from mesh.net.sessions import ServerSession
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
 
 log = logging.getLogger("mesh.server")
 
 MAX_BATCH = 64
+MAX_NEIGHBOURS = 8
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Server:
         self.inference_rps = 0.0
         self.forward_rps = 0.0
         self._announce_now = trio.Event()
+        self.rtt = RttTracker(node)
 
     # ----- announcements -------------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class Server:
             forward_rps=self.forward_rps, cache_tokens_free=self.budget.free,
             dtype=str(self.span.dtype).removeprefix("torch."), version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
+            next_pings=dict(self.rtt.rtt),
             ttl=max(3.0 * self.config.announce_period, 2.0))
 
     async def set_state(self, state: ServerState) -> None:
@@ -146,6 +150,17 @@ class Server:
             self._announce_now = trio.Event()
             if self.state != ServerState.OFFLINE:
                 await self.swarm.announce(self.info())
+
+    async def ping_neighbours(self) -> None:
+        """RTT to the servers a chain may continue to from here (those holding our `end` block), announced
+        so clients can cost server-to-server links they cannot measure themselves."""
+        while True:
+            nxt = [i.peer_id for i in self.swarm.table.servers(self.source.model_id)
+                   if i.start <= self.span.end < i.end and i.peer_id != self.node.peer_id][:MAX_NEIGHBOURS]
+            await self.rtt.measure(nxt)
+            for gone in set(self.rtt.rtt) - set(nxt):
+                del self.rtt.rtt[gone]
+            await trio.sleep(self.config.announce_period)
 
     async def measure(self) -> None:
         """Per-block throughput from a timed pass, so clients and balancing can compare servers."""
@@ -333,6 +348,7 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
         await server.measure()
         await server.set_state(ServerState.ONLINE)
         node.nursery.start_soon(server.announce_forever)
+        node.nursery.start_soon(server.ping_neighbours)
         task_status.started(server)
         await (stop.wait() if stop is not None else trio.sleep_forever())
         log.info("stopping: draining")

@@ -116,7 +116,7 @@ def test_int8_on_every_hop_keeps_smollm2_greedy_identical(smollm2, smollm2_model
     def squeeze(h):
         return decode_tensor(encode_tensor(h, "int8"))
 
-    def run_blocks(hidden, pos, mask):
+    def run_blocks(hidden, pos, mask, position):
         for span, cache in zip(spans, caches):
             hidden = span(squeeze(hidden), pos, cache, mask)
         return squeeze(hidden)

@@ -1,0 +1,209 @@
+"""The Python API: a causal LM whose blocks run in the swarm.
+
+    from mesh import DistributedModelForCausalLM
+    model = DistributedModelForCausalLM.from_pretrained("llama-2-70b", initial_peers=[...])
+    ids = model.tokenizer("A cat", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=20)               # like transformers' generate()
+    with model.inference_session(max_length=512) as session:   # several calls, caches kept on servers
+        model.generate(ids, max_new_tokens=8, session=session)
+        model.generate(more_ids, max_new_tokens=8, session=session)
+
+The client holds only the embeddings, the final norm and the LM head; every block runs on servers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import trio
+
+from mesh.model.errors import MeshError
+from mesh.model.generation import Generator, SamplingConfig
+from mesh.model.head import ClientHead, load_head, load_tokenizer
+from mesh.model.sources import ModelSource, resolve_model
+from mesh.net.inference import InferenceSession, open_inference_session
+from mesh.net.node import NodeConfig, env_initial_peers
+from mesh.net.portal import SwarmClient
+
+log = logging.getLogger("mesh.api")
+
+
+class SwarmSession:
+    """An inference session through the swarm, used from synchronous code; keeps the generation state."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, batch_size: int) -> None:
+        self.model = model
+        self.max_length = max_length
+        self.batch_size = batch_size
+        client = model.client
+        self._remote, self._done = client.start_task(self._hold, max_length, batch_size)
+        self.generator = Generator(model.head, self.run_blocks, model.tokenizer)
+
+    async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        client, model = self.model.client, self.model
+        try:
+            async with open_inference_session(client.node, client.swarm.table, client.rtt, model.source.model_id,
+                                              model.num_blocks, max_length, batch_size,
+                                              compression=model.compression) as session:
+                done = trio.Event()
+                task_status.started((session, done))
+                await done.wait()
+        except MeshError:
+            raise
+        except Exception as e:  # never take the client node down with one session
+            log.warning("inference session ended: %s", e)
+
+    @property
+    def remote(self) -> InferenceSession:
+        return self._remote
+
+    def describe(self) -> str:
+        return self._remote.describe()
+
+    def run_blocks(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position: int) -> torch.Tensor:
+        dtype = hidden.dtype
+        out = self.model.client.call(self._remote.step, hidden.to(torch.float32), position_ids, attention_mask,
+                                     position)
+        return out.to(dtype)
+
+    def close(self) -> None:
+        if self._done is not None:
+            try:
+                self.model.client.call(_set, self._done)
+            except MeshError:
+                pass
+            self._done = None
+
+    def __enter__(self) -> "SwarmSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _set(event: trio.Event) -> None:
+    event.set()
+
+
+class DistributedModelForCausalLM:
+    def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
+                 compression: str = "none") -> None:
+        self.source = source
+        self.head = head
+        self.tokenizer = tokenizer
+        self.client = client
+        self.compression = compression
+
+    @classmethod
+    def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,
+                        dtype: torch.dtype = torch.float32, compression: str = "none", timeout: float = 30.0,
+                        cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
+        """Load the client-side parts of `name` and join the swarm through `initial_peers`
+        (default: $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server."""
+        source = resolve_model(name, cache_dir)
+        head = load_head(source, dtype)
+        tokenizer = _tokenizer_or_none(source)
+        peers = list(initial_peers or env_initial_peers())
+        if not peers:
+            raise MeshError("no peers to join", hint="pass initial_peers (printed by `mesh serve`)")
+        client = SwarmClient(NodeConfig(listen=[], initial_peers=peers, dht_mode="client"))
+        model = cls(source, head, tokenizer, client, compression)
+        try:
+            model.wait_for_swarm(timeout)
+        except BaseException:
+            client.close()
+            raise
+        return model
+
+    @property
+    def num_blocks(self) -> int:
+        return self.source.num_blocks
+
+    @property
+    def config(self):
+        return self.source.config
+
+    def wait_for_swarm(self, timeout: float) -> None:
+        model_id, n = self.source.model_id, self.num_blocks
+        swarm = self.client.swarm
+
+        async def wait() -> bool:
+            await swarm.discover(model_id, timeout=min(timeout, 10))
+            return await swarm.wait_for(lambda t: min(t.coverage(model_id, n)) > 0, timeout)
+
+        if not self.client.call(wait):
+            counts = swarm.table.coverage(model_id, n)
+            missing = [b for b, c in enumerate(counts) if c == 0]
+            raise MeshError(f"blocks {_ranges(missing)} of {model_id} have no server (waited {timeout:.0f} s)",
+                            hint="start servers with `mesh serve`, or check --initial-peers")
+
+    def inference_session(self, max_length: int = 1024, batch_size: int = 1) -> SwarmSession:
+        return SwarmSession(self, max_length, batch_size)
+
+    def sampling(self, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = ()) -> SamplingConfig:
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = self.tokenizer.eos_token_id
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_token_ids=eos,
+                              stop_strings=tuple(stop_strings),
+                              pad_token_id=self.tokenizer.pad_token_id if self.tokenizer is not None else None)
+
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               session: SwarmSession | None = None, **sampling) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens [batch] as they are sampled."""
+        config = self.sampling(**sampling)
+        own = session is None
+        if own:
+            session = self.inference_session(input_ids.shape[1] + config.max_new_tokens, input_ids.shape[0])
+        try:
+            yield from session.generator.stream(input_ids, attention_mask, config)
+        finally:
+            if own:
+                session.close()
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 session: SwarmSession | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
+                 **sampling) -> torch.Tensor:
+        """Like transformers' generate(): the input followed by the new tokens, [batch, length].
+        In a session, the result holds every token of the session so far."""
+        own = session is None
+        config = self.sampling(**sampling)
+        if own:
+            session = self.inference_session(input_ids.shape[1] + config.max_new_tokens, input_ids.shape[0])
+        try:
+            session.generator.generate(input_ids, attention_mask, config, on_token)
+            return session.generator.ids.clone()
+        finally:
+            if own:
+                session.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "DistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tokenizer_or_none(source: ModelSource):
+    """Models without tokenizer files still generate from token ids."""
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer for %s (%s): token ids only", source.name, str(e).splitlines()[0])
+        return None
+
+
+def _ranges(blocks: list[int]) -> str:
+    from mesh.net.swarm import _ranges as ranges
+
+    return ranges(blocks)
