@@ -6,6 +6,7 @@ import time
 
 import typer
 
+from mesh.cli.common import initial_peers_option
 from mesh.cli.output import one_line_errors, parse_dtype, stderr, write
 
 
@@ -14,6 +15,7 @@ def generate(
     model: str = typer.Argument("smollm2", help="Model name (e.g. smollm2, llama-2-70b), hub id, folder or .gguf."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn with --chat)."),
     local: bool = typer.Option(False, "--local", help="Run every block in this process (the reference run)."),
+    initial_peers: list[str] = initial_peers_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -23,41 +25,54 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
     spans: int = typer.Option(3, min=1, help="How many spans the blocks are split into (--local)."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
 ) -> None:
-    """Generate a completion for one prompt."""
+    """Generate a completion for one prompt, through the swarm (or every block here with --local)."""
     import torch
 
     from mesh.model.chat import TextStream, encode_messages, encode_text, has_chat_template
-    from mesh.model.errors import BadRequest
     from mesh.model.generation import Generator, LocalSpans, SamplingConfig
     from mesh.model.head import load_tokenizer
     from mesh.model.local import load_local
     from mesh.model.sources import resolve_model
 
-    if not local:
-        raise BadRequest("generation through a swarm is not available in this version",
-                         hint="add --local to run every block in this process")
     torch_dtype = parse_dtype(dtype)
-    source = resolve_model(model)
-    tokenizer = load_tokenizer(source)
-    with stderr().status(f"loading {source.name} ({source.num_blocks} blocks in {spans} spans)"):
-        head, span_list = load_local(source, torch_dtype, spans)
-    ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])
-           if chat and has_chat_template(tokenizer) else encode_text(tokenizer, prompt))
-    eos = tokenizer.eos_token_id
-    config = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                            temperature=temperature or 1.0, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty,
-                            eos_token_ids=[eos] if eos is not None else [], pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    blocks = LocalSpans(span_list, batch_size=1, max_length=ids.shape[1] + max_new_tokens)
-    gen = Generator(head, blocks, tokenizer)
-    text = TextStream(tokenizer)
-    started, count = time.perf_counter(), 0
-    for token in gen.stream(ids, None, config):
-        count += 1
-        write(text.push(int(token[0])))
-    write("\n")
-    elapsed = time.perf_counter() - started
-    stderr().print(f"[dim]{count} tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):.1f} tokens/s, "
-                   f"prompt {ids.shape[1]} tokens)[/dim]")
+    if local:
+        source = resolve_model(model)
+        tokenizer = load_tokenizer(source)
+        with stderr().status(f"loading {source.name} ({source.num_blocks} blocks in {spans} spans)"):
+            head, span_list = load_local(source, torch_dtype, spans)
+    else:
+        from mesh import DistributedModelForCausalLM
+
+        with stderr().status(f"joining the swarm for {model}"):
+            lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, dtype=torch_dtype,
+                                                             compression=compression)
+        tokenizer, head = lm.tokenizer, lm.head
+    try:
+        ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])
+               if chat and has_chat_template(tokenizer) else encode_text(tokenizer, prompt))
+        eos = tokenizer.eos_token_id
+        config = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                temperature=temperature or 1.0, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty,
+                                eos_token_ids=[eos] if eos is not None else [], pad_token_id=tokenizer.pad_token_id)
+        if local:
+            blocks, route = LocalSpans(span_list, batch_size=1, max_length=ids.shape[1] + max_new_tokens), "local"
+        else:
+            session = lm.inference_session(ids.shape[1] + max_new_tokens)
+            blocks, route = session.run_blocks, session.describe()
+        gen = Generator(head, blocks, tokenizer)
+        text = TextStream(tokenizer)
+        started, count = time.perf_counter(), 0
+        for token in gen.stream(ids, None, config):
+            count += 1
+            write(text.push(int(token[0])))
+        write("\n")
+        elapsed = time.perf_counter() - started
+        stderr().print(f"[dim]{route} · {count} tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):.1f} tokens/s, "
+                       f"prompt {ids.shape[1]} tokens)[/dim]", highlight=False)
+    finally:
+        if not local:
+            lm.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mesh.cli.chat import chat
 from mesh.cli.generate import generate
 from mesh.cli.serve import serve
 from mesh.cli.status import status
@@ -14,6 +15,7 @@ app = typer.Typer(help="mesh: run and fine-tune large language models across a s
 app.command()(serve)
 app.command()(status)
 app.command()(generate)
+app.command()(chat)
 
 
 @app.command()
@@ -28,7 +30,26 @@ def version() -> None:
 def demo(
     prompt: str = typer.Option("What is the capital of France? Answer in one sentence.", "--prompt", "-p"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1),
+    servers: int = typer.Option(3, min=1, max=10, help="How many server processes to start."),
 ) -> None:
-    """Answer a chat prompt with the embedded default model (SmolLM2-135M-Instruct)."""
-    generate(model="smollm2", prompt=prompt, local=True, max_new_tokens=max_new_tokens, temperature=0.0,
-             top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, chat=True, spans=3, dtype="float32")
+    """Start a swarm of SmolLM2-135M-Instruct servers on this machine, answer a prompt through it, stop it."""
+    from mesh.cli.localswarm import LocalSwarm
+    from mesh.cli.output import one_line_errors, stderr
+    from mesh.model.sources import resolve_model
+
+    @one_line_errors
+    def run() -> None:
+        source = resolve_model("smollm2")  # convert once here rather than in every server
+        with stderr().status(f"starting {servers} servers on this machine"):
+            swarm = LocalSwarm("smollm2", source.num_blocks, servers).start()
+        try:
+            for (a, b), log in zip(swarm.spans, swarm.logs):
+                stderr().print(f"[dim]server for blocks {a}:{b} (log: {log})[/dim]", highlight=False)
+            chat(model="smollm2", initial_peers=swarm.initial_peers, prompt=prompt, system=None,
+                 max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                 seed=0, max_length=2048, compression="none", verbose=0)
+        finally:
+            with stderr().status("stopping the servers"):
+                swarm.stop()
+
+    run()

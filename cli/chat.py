@@ -1,0 +1,136 @@
+"""`mesh chat`: talk to a model through the swarm, one session for the whole conversation."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from mesh.cli.common import initial_peers_option
+from mesh.cli.output import one_line_errors, setup_logging, stderr, write
+
+
+class Conversation:
+    """Chat turns fed into one inference session: each turn sends only the tokens the servers lack."""
+
+    def __init__(self, model, max_length: int, system: str | None) -> None:
+        self.model = model
+        self.max_length = max_length
+        self.system = system
+        self.session = None
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = self.model.inference_session(self.max_length)
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def turn(self, text: str, sampling: dict, on_text) -> tuple[str, int, float]:
+        """Answer `text`; returns (answer, tokens, seconds). Ctrl-C stops the answer, keeping what was said."""
+        import torch
+
+        from mesh.model.chat import TextStream, encode_messages
+
+        tokenizer = self.model.tokenizer
+        self.messages.append({"role": "user", "content": text})
+        full = encode_messages(tokenizer, self.messages)
+        gen = self.session.generator
+        if gen.ids is not None and (full.shape[1] <= gen.ids.shape[1] or
+                                    not torch.equal(full[:, :gen.ids.shape[1]], gen.ids)):
+            self.reset()  # the template re-tokenised history differently: start the session over
+            self.messages.append({"role": "user", "content": text})
+            gen = self.session.generator
+        new = full if gen.ids is None else full[:, gen.ids.shape[1]:]
+        if full.shape[1] + sampling["max_new_tokens"] > self.max_length:
+            self.messages.pop()
+            raise _too_long(self.max_length)
+        stream = TextStream(tokenizer)
+        started, count = time.perf_counter(), 0
+        try:
+            for token in self.model.stream(new, session=self.session, **sampling):
+                count += 1
+                on_text(stream.push(int(token[0])))
+        except KeyboardInterrupt:
+            on_text(" [stopped]")
+        self.messages.append({"role": "assistant", "content": stream.text})
+        return stream.text, count, time.perf_counter() - started
+
+
+def _too_long(max_length: int):
+    from mesh.model.errors import MaxLengthExceeded
+
+    return MaxLengthExceeded(f"the conversation would exceed {max_length} tokens", hint="type /reset")
+
+
+@one_line_errors
+def chat(
+    model: str = typer.Argument("smollm2", help="Model name (e.g. llama-2-70b-chat), hub id, folder or .gguf."),
+    initial_peers: list[str] = initial_peers_option(),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit (for scripts)."),
+    system: str = typer.Option(None, help="System message for models whose template takes one."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    top_k: int = typer.Option(0, min=0),
+    repetition_penalty: float = typer.Option(1.0, min=0.0),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
+    max_length: int = typer.Option(2048, min=16, help="Tokens the whole conversation may take."),
+    compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+) -> None:
+    """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
+    import torch
+
+    from mesh import DistributedModelForCausalLM
+    from mesh.model.chat import has_chat_template
+    from mesh.model.errors import MeshError
+    from mesh.net.codec import check_compression
+
+    setup_logging(verbose)
+    check_compression(compression)
+    err = stderr()
+    with err.status(f"joining the swarm for {model}"):
+        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression)
+    with lm:
+        if lm.tokenizer is None or not has_chat_template(lm.tokenizer):
+            raise MeshError(f"{model} has no chat template", hint="use `mesh generate` for raw completion")
+        torch.manual_seed(seed)
+        sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+        conv = Conversation(lm, max_length, system)
+
+        def answer(text: str) -> None:
+            _, count, seconds = conv.turn(text, sampling, write)
+            write("\n")
+            err.print(f"[dim]{conv.session.describe()} · {count} tokens in {seconds:.1f} s "
+                      f"({count / max(seconds, 1e-9):.1f} tokens/s)[/dim]", highlight=False)
+
+        try:
+            if prompt is not None:
+                answer(prompt)
+                return
+            err.print(f"[dim]chatting with {lm.source.model_id} · /reset to start over, /exit to leave[/dim]")
+            while True:
+                try:
+                    text = input("you> ").strip()
+                except EOFError:
+                    break
+                except KeyboardInterrupt:
+                    write("\n")
+                    continue
+                if not text:
+                    continue
+                if text in ("/exit", "/quit"):
+                    break
+                if text == "/reset":
+                    conv.reset()
+                    err.print("[dim]conversation reset[/dim]")
+                    continue
+                try:
+                    answer(text)
+                except MeshError as e:
+                    err.print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False)
+        finally:
+            conv.session.close()

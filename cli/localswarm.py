@@ -1,0 +1,96 @@
+"""A swarm of `mesh serve` processes on this machine (demo and benchmarks), stopped by PID on exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mesh.model.errors import MeshError
+from mesh.model.local import split_evenly
+
+LISTENING = re.compile(r"^mesh: listening on (\S+)$", re.M)
+
+
+class LocalSwarm:
+    """`with LocalSwarm(model, num_blocks, servers=3) as swarm:` → `swarm.initial_peers`."""
+
+    def __init__(self, model: str, num_blocks: int, servers: int = 3, extra: list[str] | None = None,
+                 start_timeout: float = 180.0, log_dir: Path | None = None) -> None:
+        self.model = model
+        self.spans = split_evenly(num_blocks, servers)
+        self.extra = list(extra or [])
+        self.start_timeout = start_timeout
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mesh-swarm-"))
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.initial_peers: list[str] = []
+
+    def _spawn(self, index: int, peers: list[str]) -> subprocess.Popen:
+        a, b = self.spans[index]
+        log = self.log_dir / f"server{index}.log"
+        self.logs.append(log)
+        args = [sys.executable, "-m", "mesh.cli", "serve", self.model, "--blocks", f"{a}:{b}",
+                "--listen", "/ip4/127.0.0.1/tcp/0", "--new-identity", "--announce-period", "1",
+                "--public-name", f"local-{index}", *self.extra]
+        for p in peers:
+            args += ["--initial-peers", p]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_ready(self, index: int) -> str:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            text = self.logs[index].read_text(errors="replace")
+            match = LISTENING.search(text)
+            if match and "mesh: serving blocks" in text:
+                return match.group(1)
+            if self.procs[index].poll() is not None:
+                tail = "\n".join(text.splitlines()[-5:])
+                raise MeshError(f"local server {index} exited with code {self.procs[index].returncode}: {tail}")
+            time.sleep(0.1)
+        raise MeshError(f"local server {index} did not start within {self.start_timeout:.0f} s",
+                        hint=f"see {self.logs[index]}")
+
+    def start(self) -> "LocalSwarm":
+        self._spawn(0, [])
+        boot = self._wait_ready(0)
+        self.initial_peers = [boot]
+        for i in range(1, len(self.spans)):
+            self._spawn(i, [boot])
+        for i in range(1, len(self.spans)):
+            self._wait_ready(i)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (drain), then SIGKILL whatever is still running."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
