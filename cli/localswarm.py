@@ -27,6 +27,7 @@ class LocalSwarm:
         self.extra = list(extra or [])
         self.start_timeout = start_timeout
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mesh-swarm-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.initial_peers: list[str] = []
