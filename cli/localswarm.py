@@ -31,6 +31,9 @@ class LocalSwarm:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.initial_peers: list[str] = []
+        # Servers on one machine split its cores; a chain computes one hop at a time, and a free core
+        # keeps the network work of the other hops from slowing the one computing.
+        self.threads = max(1, (os.cpu_count() or 1) // len(self.spans))
 
     def _spawn(self, index: int, peers: list[str]) -> subprocess.Popen:
         a, b = self.spans[index]
@@ -38,7 +41,7 @@ class LocalSwarm:
         self.logs.append(log)
         args = [sys.executable, "-m", "mesh.cli", "serve", self.model, "--blocks", f"{a}:{b}",
                 "--listen", "/ip4/127.0.0.1/tcp/0", "--new-identity", "--announce-period", "1",
-                "--public-name", f"local-{index}", *self.extra]
+                "--public-name", f"local-{index}", "--threads", str(self.threads), *self.extra]
         for p in peers:
             args += ["--initial-peers", p]
         with open(log, "w") as out:

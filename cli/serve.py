@@ -26,6 +26,8 @@ def serve(
     public_name: str = typer.Option("", help="Name shown in `mesh status`."),
     announce_period: float = typer.Option(5.0, min=0.2, help="Seconds between announcements."),
     idle_timeout: float = typer.Option(300.0, min=1.0, help="Close sessions silent for this long."),
+    threads: int = typer.Option(0, min=0, help="CPU threads for compute (0 = torch's default: all cores). "
+                                             "Servers sharing a machine should split its cores."),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="-v: what the node does; -vv: details."),
 ) -> None:
     """Host blocks of MODEL, announce them, and answer inference and training calls until stopped.
@@ -38,6 +40,10 @@ def serve(
     from mesh.net.server import ServerConfig, run_server
 
     setup_logging(verbose)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     config = ServerConfig(model=model, blocks=blocks,
                           node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
                           dtype=parse_dtype(dtype), cache_tokens=cache_tokens, max_length=max_length,

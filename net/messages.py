@@ -126,6 +126,7 @@ class OpenSession(Message):
     batch_size: int = 1
     compression: str = "none"
     next: dict | None = None  # {"peer_id", "addrs", "session_id"} of the next server, for pushes
+    return_outputs: bool = False  # also send pushed outputs back to the client (costs a message per step)
 
 
 @dataclass

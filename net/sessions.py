@@ -4,8 +4,9 @@ Steps reach a session from two places: its client's stream and the push stream o
 Both feed one inbox, so steps are processed one at a time in arrival order; the position each step
 carries makes them idempotent (a cache that is ahead is rolled back), which is what makes replays after
 a failover safe. After computing, the output is pushed to the next server first (the critical path),
-then a copy goes back to the client (its input history for the next server, or the result itself when
-this server is the last of the chain).
+and kept here: the next server's input history, which the client fetches to rebuild a replacement's cache
+after a failure. Only the last server of the chain answers the client on every step (unless the client
+asked for every output with `return_outputs`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ServerSession:
         self._push_stack: AsyncExitStack | None = None
         self._push_stream = None
         self._cancel = trio.CancelScope()
+        self.outputs: list[Step] = []  # pushed outputs, in position order
 
     @property
     def id(self) -> str:
@@ -116,7 +118,16 @@ class ServerSession:
                 self.counters.steps_from_clients += 1
             if self.next is not None:
                 await self._push(step, out)
+                self._keep(step, out)
+                if not self.opened.return_outputs:
+                    continue
             await self._send_client(StepResult(step.step_id, step.position, out).to_wire(self.opened.compression))
+
+    def _keep(self, step: Step, out: torch.Tensor) -> None:
+        """Keep what we pushed: the next server's inputs, to rebuild a replacement's cache after a failure."""
+        while self.outputs and self.outputs[-1].position >= step.position:
+            self.outputs.pop()  # a re-sent step replaces what followed it
+        self.outputs.append(Step(step.step_id, step.position, out, step.position_ids, step.attention_mask))
 
     async def _push(self, step: Step, out: torch.Tensor) -> None:
         nxt = self.next
