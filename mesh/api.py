@@ -24,9 +24,9 @@ from mesh.model.errors import MeshError
 from mesh.model.generation import Generator, SamplingConfig
 from mesh.model.head import ClientHead, load_head, load_tokenizer
 from mesh.model.sources import ModelSource, resolve_model
-from mesh.net.inference import InferenceSession, open_inference_session
+from mesh.net.inference import BanList, InferenceSession, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
-from mesh.net.portal import SwarmClient
+from mesh.net.portal import SwarmClient, unwrap
 
 log = logging.getLogger("mesh.api")
 
@@ -44,17 +44,20 @@ class SwarmSession:
 
     async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
         client, model = self.model.client, self.model
+        started = False
         try:
             async with open_inference_session(client.node, client.swarm.table, client.rtt, model.source.model_id,
                                               model.num_blocks, max_length, batch_size,
-                                              compression=model.compression) as session:
+                                              compression=model.compression, bans=model.bans,
+                                              route_wait=model.route_wait) as session:
                 done = trio.Event()
                 task_status.started((session, done))
+                started = True
                 await done.wait()
-        except MeshError:
-            raise
-        except Exception as e:  # never take the client node down with one session
-            log.warning("inference session ended: %s", e)
+        except Exception as e:
+            if not started:  # opening failed: the caller gets the (unwrapped) error
+                raise unwrap(e) from None
+            log.warning("inference session ended: %s", e)  # never take the client node down
 
     @property
     def remote(self) -> InferenceSession:
@@ -91,7 +94,9 @@ async def _set(event: trio.Event) -> None:
 
 class DistributedModelForCausalLM:
     def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
-                 compression: str = "none") -> None:
+                 compression: str = "none", route_wait: float = 30.0) -> None:
+        self.route_wait = route_wait  # how long a session waits for a server holding missing blocks
+        self.bans = BanList()  # peers that failed this client, shared by its sessions
         self.source = source
         self.head = head
         self.tokenizer = tokenizer
@@ -101,7 +106,7 @@ class DistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,
                         dtype: torch.dtype = torch.float32, compression: str = "none", timeout: float = 30.0,
-                        cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
+                        route_wait: float = 30.0, cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
         """Load the client-side parts of `name` and join the swarm through `initial_peers`
         (default: $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server."""
         source = resolve_model(name, cache_dir)
@@ -111,7 +116,7 @@ class DistributedModelForCausalLM:
         if not peers:
             raise MeshError("no peers to join", hint="pass initial_peers (printed by `mesh serve`)")
         client = SwarmClient(NodeConfig(listen=[], initial_peers=peers, dht_mode="client"))
-        model = cls(source, head, tokenizer, client, compression)
+        model = cls(source, head, tokenizer, client, compression, route_wait)
         try:
             model.wait_for_swarm(timeout)
         except BaseException:

@@ -156,6 +156,21 @@ class StepResult(Message):
 
 
 @dataclass
+class HistoryRequest(Message):
+    before: int  # positions [0, before) of what this session pushed
+
+
+@dataclass
+class History(Message):
+    """A session's outputs for positions [0, before): the next hop's inputs, to rebuild a replacement."""
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask")
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
 class Relink(Message):
     next: dict | None = None
 

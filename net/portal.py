@@ -43,7 +43,7 @@ class SwarmClient:
         try:
             trio.run(self._main)
         except BaseException as e:  # reported to the caller by __init__ or call()
-            self._error = _unwrap(e)
+            self._error = unwrap(e)
         finally:
             self._ready.set()
 
@@ -53,7 +53,7 @@ class SwarmClient:
                 self.node = await stack.enter_async_context(open_node(self.config))
                 self.swarm = await stack.enter_async_context(open_swarm(self.node))
             except BaseException as e:
-                self._error = _unwrap(e)
+                self._error = unwrap(e)
                 self._ready.set()
                 return
             self.rtt = RttTracker(self.node)
@@ -69,7 +69,7 @@ class SwarmClient:
         try:
             return trio.from_thread.run(fn, *args, trio_token=self._token)
         except BaseExceptionGroup as e:
-            raise _unwrap(e) from None
+            raise unwrap(e) from None
 
     def start_task(self, fn: Callable, *args: Any) -> Any:
         """Start `fn(*args, task_status=…)` in the node's nursery; return what it passes to started()."""
@@ -93,7 +93,7 @@ class SwarmClient:
         self.close()
 
 
-def _unwrap(e: BaseException) -> BaseException:
+def unwrap(e: BaseException) -> BaseException:
     """Errors from nurseries arrive in groups; callers want the mesh error inside."""
     while isinstance(e, BaseExceptionGroup):
         mesh_errors, _ = e.split(MeshError)

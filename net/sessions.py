@@ -21,7 +21,8 @@ import trio
 from mesh.model.errors import BadRequest, MeshError
 from mesh.model.span import Span, SpanCache
 from mesh.net import wire
-from mesh.net.messages import CloseSession, Message, OpenSession, Relink, Step, StepResult
+from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, OpenSession, Relink, Step,
+                               StepResult)
 from mesh.net.node import Node, PeerUnavailable, short_id
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ class ServerSession:
             if isinstance(msg, CloseSession):
                 done.cancel()
                 return
+            if isinstance(msg, HistoryRequest):
+                await self._send_client(self.history(msg.before).to_wire(self.opened.compression))
+                continue
             if isinstance(msg, Relink):
                 await self._close_push()
                 self.next = msg.next
@@ -118,16 +122,18 @@ class ServerSession:
                 self.counters.steps_from_clients += 1
             if self.next is not None:
                 await self._push(step, out)
-                self._keep(step, out)
-                if not self.opened.return_outputs:
-                    continue
+            self._keep(step, out)
+            if self.next is not None and not self.opened.return_outputs:
+                continue
             await self._send_client(StepResult(step.step_id, step.position, out).to_wire(self.opened.compression))
 
     def _keep(self, step: Step, out: torch.Tensor) -> None:
         """Keep what we pushed: the next server's inputs, to rebuild a replacement's cache after a failure."""
-        while self.outputs and self.outputs[-1].position >= step.position:
-            self.outputs.pop()  # a re-sent step replaces what followed it
+        trim_steps(self.outputs, step.position)  # a re-sent step replaces what followed it
         self.outputs.append(Step(step.step_id, step.position, out, step.position_ids, step.attention_mask))
+
+    def history(self, before: int) -> History:
+        return concat_steps(self.outputs, before, self.opened.batch_size, self.span.hidden_size)
 
     async def _push(self, step: Step, out: torch.Tensor) -> None:
         nxt = self.next
@@ -173,3 +179,31 @@ class ServerSession:
                 await wire.write_frame(self.client_stream, frame, timeout=30)
             except wire.WireError:
                 self._cancel.cancel()
+
+
+def concat_steps(steps: list[Step], before: int, batch: int, hidden_size: int) -> History:
+    """Steps covering positions [0, before) joined into one History (a straddling step is cut)."""
+    hs, ps, ms = [], [], []
+    for step in steps:
+        if step.position >= before:
+            break
+        n = min(step.hidden.shape[1], before - step.position)
+        hs.append(step.hidden[:, :n])
+        ps.append(step.position_ids[:, :n])
+        mask = step.attention_mask if step.attention_mask is not None else torch.ones_like(step.position_ids)
+        ms.append(mask[:, :n].to(torch.long))
+    if not hs:
+        return History(torch.zeros(batch, 0, hidden_size), torch.zeros(batch, 0, dtype=torch.long),
+                       torch.zeros(batch, 0, dtype=torch.long))
+    return History(torch.cat(hs, 1), torch.cat(ps, 1), torch.cat(ms, 1))
+
+
+def trim_steps(steps: list[Step], position: int) -> None:
+    """Drop what a step at `position` replaces: everything at or after it, cutting a straddling step."""
+    while steps and steps[-1].position >= position:
+        steps.pop()
+    if steps and steps[-1].position + steps[-1].hidden.shape[1] > position:
+        last = steps[-1]
+        n = position - last.position
+        mask = last.attention_mask[:, :n] if last.attention_mask is not None else None
+        steps[-1] = Step(last.step_id, last.position, last.hidden[:, :n], last.position_ids[:, :n], mask)

@@ -44,6 +44,19 @@ class MeshProcess:
                                        f"{self.output()[-3000:]}")
                 await trio.sleep(0.1)
 
+    def wait_ready_sync(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.output())
+            if match and "mesh: serving blocks" in self.output():
+                self.addr = match.group(1)
+                return self.addr
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mesh {' '.join(self.args)} exited with {self.proc.returncode}:\n"
+                                   f"{self.output()[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"mesh {' '.join(self.args)} not ready within {timeout} s")
+
     @property
     def peer_id(self) -> str:
         assert self.addr is not None
@@ -72,7 +85,7 @@ class MeshProcess:
 
 def serve(folder: Path | str, blocks: str, log: Path, peers: list[str] = (), *extra: str) -> MeshProcess:
     args = ["serve", str(folder), "--blocks", blocks, "--listen", "/ip4/127.0.0.1/tcp/0", "--new-identity",
-            "--announce-period", "1", *extra]
+            "--announce-period", "1", "--threads", "1", *extra]
     for p in peers:
         args += ["--initial-peers", p]
     return MeshProcess(args, log, env={"HF_HUB_OFFLINE": "1"})

@@ -1,0 +1,150 @@
+"""A server dies mid-generation: the tokens do not change. Servers are `mesh serve` processes on loopback."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh import DistributedModelForCausalLM
+from mesh.model.errors import MeshError
+
+from conftest import make_tiny
+from procs import serve
+
+pytestmark = pytest.mark.e2e
+
+SPANS = ["0:10", "10:20", "20:30"]
+
+
+class Pool:
+    """Two servers per span; `refill()` replaces the ones a test killed."""
+
+    def __init__(self, folder, logs) -> None:
+        self.folder, self.logs = folder, logs
+        self.procs = []
+        self.count = 0
+        first = self._start(SPANS[0], [])
+        first.wait_ready_sync()
+        self.boot = first.addr
+
+    def _start(self, span: str, peers: list[str]):
+        self.count += 1
+        p = serve(self.folder, span, self.logs / f"server{self.count}.log", peers)
+        p.span = span
+        self.procs.append(p)
+        return p
+
+    def alive(self, span: str):
+        return [p for p in self.procs if p.span == span and p.proc.poll() is None]
+
+    def refill(self, per_span: int = 2) -> None:
+        new = []
+        peers = [p.addr for p in self.procs if p.addr and p.proc.poll() is None][:3]
+        for span in SPANS:
+            for _ in range(per_span - len(self.alive(span))):
+                new.append(self._start(span, peers or [self.boot]))
+        for p in new:
+            p.wait_ready_sync()
+
+    def by_peer(self, peer_id: str):
+        return next(p for p in self.procs if p.addr and p.peer_id == peer_id)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            p.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tiny30(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
+    make_tiny("llama", layers=30).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pool(tiny30, tmp_path_factory):
+    pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
+    try:
+        pool.refill()
+        yield pool
+    finally:
+        pool.cleanup()
+
+
+@pytest.fixture(scope="module")
+def model(pool, tiny30):
+    with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot], route_wait=4.0) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def reference(tiny30):
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny30), dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False, pad_token_id=0)
+    return ids, out
+
+
+def generate_with_failures(model, pool, ids, kills: dict[int, tuple[int, int]]):
+    """Greedy 64 tokens; at token t (key) send signal s to the server in use at hop h: kills[t] = (h, s)."""
+    pool.refill()
+    with model.inference_session(max_length=128) as session:
+        model.client.call(lambda: _wait_table(model, 6))
+        seen, gaps, last = [0], [], [time.monotonic()]
+
+        def on_token(_):
+            now = time.monotonic()
+            gaps.append(now - last[0])
+            last[0] = now
+            seen[0] += 1
+            if seen[0] in kills:
+                hop, sig = kills[seen[0]]
+                pool.by_peer(session.remote.route[hop].peer_id).signal(sig)
+
+        out = model.generate(ids, max_new_tokens=64, session=session, on_token=on_token)
+        return out, gaps, session.remote.recoveries
+
+
+async def _wait_table(model, n):
+    swarm = model.client.swarm
+    await swarm.wait_for(lambda t: len(t.servers(model.source.model_id)) >= n, 20)
+
+
+@pytest.mark.parametrize("hop", [0, 1, 2], ids=["first", "middle", "last"])
+def test_sigkill_mid_generation_keeps_tokens(model, pool, reference, hop):
+    ids, expected = reference
+    out, _, recoveries = generate_with_failures(model, pool, ids, {20: (hop, signal.SIGKILL)})
+    assert out.tolist() == expected.tolist()
+    assert recoveries == 1
+
+
+def test_two_failures_in_one_generation(model, pool, reference):
+    ids, expected = reference
+    out, _, recoveries = generate_with_failures(model, pool, ids, {15: (1, signal.SIGKILL), 40: (0, signal.SIGKILL)})
+    assert out.tolist() == expected.tolist()
+    assert recoveries == 2
+
+
+def test_sigterm_moves_on_without_a_stall(model, pool, reference):
+    ids, expected = reference
+    out, gaps, recoveries = generate_with_failures(model, pool, ids, {20: (1, signal.SIGTERM)})
+    assert out.tolist() == expected.tolist()
+    assert recoveries == 1
+    normal = sorted(gaps[1:])[len(gaps) // 2]
+    assert max(gaps[20:]) < 10 * normal + 1.0  # one step's worth of replay, no waiting on the draining server
+
+
+def test_missing_blocks_fail_clearly(model, pool, reference):
+    ids, _ = reference
+    pool.refill()
+    for p in pool.alive("20:30"):
+        p.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(MeshError, match="blocks 20:30"):
+        with model.inference_session(max_length=128) as session:
+            model.generate(ids, max_new_tokens=8, session=session)
+    assert time.monotonic() - t0 < 4.0 + 15  # the configured wait, plus detection and expiry of the dead
