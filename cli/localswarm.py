@@ -21,9 +21,9 @@ class LocalSwarm:
     """`with LocalSwarm(model, num_blocks, servers=3) as swarm:` → `swarm.initial_peers`."""
 
     def __init__(self, model: str, num_blocks: int, servers: int = 3, extra: list[str] | None = None,
-                 start_timeout: float = 180.0, log_dir: Path | None = None) -> None:
+                 start_timeout: float = 180.0, log_dir: Path | None = None, replicas: int = 1) -> None:
         self.model = model
-        self.spans = split_evenly(num_blocks, servers)
+        self.spans = split_evenly(num_blocks, servers) * replicas  # replicas: spare servers per span
         self.extra = list(extra or [])
         self.start_timeout = start_timeout
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mesh-swarm-"))
@@ -33,7 +33,7 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
         # Servers on one machine split its cores; a chain computes one hop at a time, and a free core
         # keeps the network work of the other hops from slowing the one computing.
-        self.threads = max(1, (os.cpu_count() or 1) // len(self.spans))
+        self.threads = max(1, (os.cpu_count() or 1) // (len(self.spans) // replicas))
 
     def _spawn(self, index: int, peers: list[str]) -> subprocess.Popen:
         a, b = self.spans[index]
@@ -72,6 +72,29 @@ class LocalSwarm:
         for i in range(1, len(self.spans)):
             self._wait_ready(i)
         return self
+
+    def peer_id(self, index: int) -> str:
+        match = LISTENING.search(self.logs[index].read_text(errors="replace"))
+        return match.group(1).rsplit("/p2p/", 1)[1] if match else ""
+
+    def kill(self, peer_id: str, sig: int = signal.SIGKILL) -> int:
+        """Signal the server with this peer id; returns its index."""
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None and self.peer_id(i) == peer_id:
+                proc.send_signal(sig)
+                return i
+        raise MeshError(f"no running local server has peer id {peer_id}")
+
+    def respawn(self, index: int) -> None:
+        """Start a new server for the span of (dead) server `index`."""
+        live = [self.peer_addr(i) for i, p in enumerate(self.procs) if p.poll() is None]
+        self.spans.append(self.spans[index])
+        self._spawn(len(self.spans) - 1, live[:3])
+        self._wait_ready(len(self.spans) - 1)
+
+    def peer_addr(self, index: int) -> str:
+        match = LISTENING.search(self.logs[index].read_text(errors="replace"))
+        return match.group(1) if match else ""
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (drain), then SIGKILL whatever is still running."""

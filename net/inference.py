@@ -36,7 +36,7 @@ from mesh.net.swarm import ServerInfo, ServerState, SwarmTable
 log = logging.getLogger("mesh.inference")
 
 MAX_RECOVERIES = 6  # per step
-REPLAY_CHUNK = 256  # tokens per replayed step
+REPLAY_CHUNK = 512  # tokens per replayed step
 BASE_TIMEOUT = 5.0
 
 
@@ -131,7 +131,10 @@ class InferenceSession:
                 if attempt == MAX_RECOVERIES:
                     raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {e}") from e
                 log.warning("hop %d (%s) failed: %s", e.index, short_id(self.hops[e.index].hop.peer_id), e)
-                await self._replace(sorted(await self._dead_hops(e.index)), ban=True, before=position)
+                t0 = time.perf_counter()
+                dead = sorted(await self._dead_hops(e.index))
+                log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
+                await self._replace(dead, ban=True, before=position)
         raise AssertionError("unreachable")
 
     def _deadline(self, tokens: int) -> float:
@@ -297,10 +300,11 @@ class InferenceSession:
         log.info("inference session through %s", self.describe())
 
     async def _dead_hops(self, hint: int) -> set[int]:
-        """Which hops are gone: the one that reported, and any that no longer answer a ping."""
-        dead: set[int] = set()
+        """Which hops are gone: the one a failure names; after a timeout (no name), those that do not
+        answer a ping or are no longer ONLINE in the table."""
         if hint >= 0:
-            dead.add(hint)
+            return {hint}
+        dead: set[int] = set()
 
         async def check(i: int) -> None:
             peer = self.hops[i].hop.peer_id
@@ -349,9 +353,14 @@ class InferenceSession:
 
     async def _replace_run(self, first: int, last: int, banned: frozenset[str], before: int) -> None:
         start, end = self.hops[first].hop.start, self.hops[last].hop.end
+        t0 = time.perf_counter()
         history = await self._inputs_of(first, before)
+        t1 = time.perf_counter()
         after = self.hops[last + 1] if last + 1 < len(self.hops) else None
         new = await self._open_route(start, end, banned, None, replay=history)
+        log.info("blocks %d:%d rebuilt on %s: history of %d tokens in %.0f ms, open + replay in %.0f ms",
+                 start, end, ", ".join(short_id(st.hop.peer_id) for st in new), history.hidden.shape[1],
+                 (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
         if after is not None:  # the new tail pushes to the hop after the run
             await new[-1].session.relink({"peer_id": after.info.peer_id, "addrs": after.info.addrs,
                                           "session_id": after.session.session_id})
@@ -387,7 +396,8 @@ class InferenceSession:
         tail = new[-1].session.stream
         for a in range(0, total, REPLAY_CHUNK):
             b = min(total, a + REPLAY_CHUNK)
-            step = Step(-1 - a, a, history.hidden[:, a:b], history.position_ids[:, a:b], history.attention_mask[:, a:b])
+            step = Step(-1 - a, a, history.hidden[:, a:b], history.position_ids[:, a:b], history.attention_mask[:, a:b],
+                        want_output=False)
             timeout = self._deadline(b - a) * (1 + len(new))
             await wire.write_frame(new[0].session.stream, step.to_wire(self.compression), timeout=timeout)
             frame = wire.raise_if_error(await wire.read_frame(tail, timeout=timeout))

@@ -145,6 +145,7 @@ class Step(Message):
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
     session_id: str = ""  # set on pushes: which session of the receiving server
+    want_output: bool = True  # False for replays: the answer is an acknowledgement without hidden states
 
 
 @dataclass

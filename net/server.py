@@ -32,7 +32,8 @@ log = logging.getLogger("mesh.server")
 
 MAX_BATCH = 64
 MAX_NEIGHBOURS = 8
-INLINE_TOKENS = 4  # steps of at most this many tokens (batch × length) compute on the event loop
+INLINE_TOKENS = 4
+WARMUP_TOKENS = 256  # steps of at most this many tokens (batch × length) compute on the event loop
 
 
 @dataclass
@@ -171,9 +172,12 @@ class Server:
 
         def run() -> tuple[float, float]:
             with torch.no_grad():
+                # Warm up at the size of a replay chunk: a first large pass pays allocator and page-fault
+                # costs, which would otherwise land on the first client that fails over to us.
+                span(torch.randn(1, WARMUP_TOKENS, h), torch.arange(WARMUP_TOKENS)[None])
                 x = torch.randn(1, 16, h)
                 pos = torch.arange(16)[None]
-                span(x, pos)  # warm-up
+                span(x, pos)
                 t0 = time.perf_counter()
                 span(x, pos)
                 fwd = time.perf_counter() - t0

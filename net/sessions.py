@@ -125,6 +125,8 @@ class ServerSession:
             self._keep(step, out)
             if self.next is not None and not self.opened.return_outputs:
                 continue
+            if not step.want_output:
+                out = out[:, :0]
             await self._send_client(StepResult(step.step_id, step.position, out).to_wire(self.opened.compression))
 
     def _keep(self, step: Step, out: torch.Tensor) -> None:
@@ -138,7 +140,7 @@ class ServerSession:
     async def _push(self, step: Step, out: torch.Tensor) -> None:
         nxt = self.next
         pushed = Step(step.step_id, step.position, out, step.position_ids, step.attention_mask, None,
-                      session_id=nxt["session_id"])
+                      session_id=nxt["session_id"], want_output=step.want_output)
         try:
             if self._push_stream is None:
                 await self._open_push(nxt)
