@@ -1,0 +1,76 @@
+"""Forward and backward through `mesh serve` processes equal local autograd, also when a server dies."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh.net.inference import BanList
+from mesh.net.latency import RttTracker
+from mesh.net.training import SwarmBlocks
+
+from conftest import make_tiny
+from test_e2e_failover import Pool, _wait_table
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny30(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny30t") / "tiny30"
+    make_tiny("llama", layers=30).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pool(tiny30, tmp_path_factory):
+    pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
+    try:
+        pool.refill()
+        yield pool
+    finally:
+        pool.cleanup()
+
+
+def local_grads(folder, x, pos, grad_out):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    x = x.clone().requires_grad_(True)
+    h = x
+    rotary = model.model.rotary_emb(h, pos)
+    for layer in model.model.layers:
+        h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rotary)
+    h.backward(grad_out)
+    return h.detach(), x.grad
+
+
+@pytest.mark.parametrize("kill", [None, "forward", "backward"])
+def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill):
+    from mesh import DistributedModelForCausalLM
+
+    pool.refill()
+    with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot]) as model:
+        client = model.client
+        client.call(lambda: _wait_table(model, 6))
+        blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), BanList(),
+                             model.source.model_id, 30)
+        g = torch.Generator().manual_seed(0)
+        x, grad_out = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+        pos = torch.arange(7).expand(2, 7)
+        ref_out, ref_grad = local_grads(tiny30, x, pos, grad_out)
+
+        async def run():
+            route = await blocks._route(0, 30)
+            if kill == "forward":
+                pool.by_peer(route[1].peer_id).signal(signal.SIGKILL)
+            out, done = await blocks.forward(x, pos)
+            if kill == "backward":
+                pool.by_peer(done.hops[-1].peer_id).signal(signal.SIGKILL)
+            return out, await blocks.backward(grad_out, done)
+
+        out, grad = client.call(run)
+        assert torch.allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(grad, ref_grad, atol=1e-5, rtol=1e-5)
+        assert blocks.retries == (0 if kill is None else 1)
