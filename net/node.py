@@ -6,6 +6,9 @@
 - Reads have no deadline in libp2p: every frame read goes through `wire.read_frame(timeout=…)`.
 - An exception escaping a stream handler ends the whole process: `set_handler` wraps each handler in a
   catch-all that answers with an error frame, resets the stream and logs.
+- Yamux sends a window update after every read by default (`PY_YAMUX_RELEASE_ON_READ`): one more
+  encrypted write per frame, per hop. `open_node` turns that off, so updates go out at half a window as
+  in go-yamux; per-token steps got ~10% faster through 3 servers.
 - Leaving `host.run()` leaks connections and tasks: `open_node` always awaits `host.close()`, shielded
   and bounded, before leaving.
 - GossipSub defaults drop messages (heartbeat 120 s, 10 msg/s spam limit, IP-diversity rule that refuses
@@ -255,6 +258,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     """Start a host with gossip and DHT, connect to the initial peers, and always close cleanly."""
     for addr in config.initial_peers:
         parse_peer_addr(addr)  # bad input fails before anything starts
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")  # read by py-libp2p's Yamux on every read
     key_pair = load_or_create_identity(config.identity_path)
     host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
                     connection_config=ConnectionConfig(max_connections_per_peer=1))
