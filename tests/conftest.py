@@ -56,6 +56,27 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny30(tmp_path_factory):
+    """A tiny random Llama with 30 blocks (SmolLM2's count), for swarms of `mesh serve` processes."""
+    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
+    make_tiny("llama", layers=30).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pool(tiny30, tmp_path_factory):
+    """Two `mesh serve` processes per span of tiny30, refilled by tests that kill them."""
+    from procs import Pool
+
+    pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
+    try:
+        pool.refill()
+        yield pool
+    finally:
+        pool.cleanup()
+
+
 @pytest.fixture(scope="session")
 def smollm2(mesh_cache):
     from mesh.model.sources import resolve_model

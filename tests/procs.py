@@ -32,30 +32,30 @@ class MeshProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def ready(self) -> bool:
+        """True once the server printed its address and span; raises if it exited."""
+        text = self.output()
+        match = LISTENING.search(text)
+        if match and "mesh: serving blocks" in text:
+            self.addr = match.group(1)
+            return True
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mesh {' '.join(self.args)} exited with {self.proc.returncode}:\n{text[-3000:]}")
+        return False
+
     async def wait_ready(self, timeout: float = 60.0) -> str:
         with trio.fail_after(timeout):
-            while True:
-                match = LISTENING.search(self.output())
-                if match and "mesh: serving blocks" in self.output():
-                    self.addr = match.group(1)
-                    return self.addr
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mesh {' '.join(self.args)} exited with {self.proc.returncode}:\n"
-                                       f"{self.output()[-3000:]}")
+            while not self.ready():
                 await trio.sleep(0.1)
+        return self.addr
 
     def wait_ready_sync(self, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.output())
-            if match and "mesh: serving blocks" in self.output():
-                self.addr = match.group(1)
-                return self.addr
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mesh {' '.join(self.args)} exited with {self.proc.returncode}:\n"
-                                   f"{self.output()[-3000:]}")
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mesh {' '.join(self.args)} not ready within {timeout} s")
             time.sleep(0.1)
-        raise TimeoutError(f"mesh {' '.join(self.args)} not ready within {timeout} s")
+        return self.addr
 
     @property
     def peer_id(self) -> str:
@@ -96,5 +96,48 @@ async def run_mesh(*args: str, timeout: float = 60.0) -> subprocess.CompletedPro
         return await trio.run_process([*MESH, *args], capture_stdout=True, capture_stderr=True, check=False)
 
 
-def elapsed_since(t0: float) -> float:
-    return time.monotonic() - t0
+async def wait_for_servers(model, n: int, timeout: float = 20.0) -> bool:
+    """Until the client of `model` sees at least n ONLINE servers of it."""
+    swarm = model.client.swarm
+    return await swarm.wait_for(lambda t: len(t.servers(model.source.model_id)) >= n, timeout)
+
+
+SPANS = ["0:10", "10:20", "20:30"]
+
+
+class Pool:
+    """Two servers per span; `refill()` replaces the ones a test killed."""
+
+    def __init__(self, folder, logs) -> None:
+        self.folder, self.logs = folder, logs
+        self.procs = []
+        self.count = 0
+        first = self._start(SPANS[0], [])
+        first.wait_ready_sync()
+        self.boot = first.addr
+
+    def _start(self, span: str, peers: list[str]):
+        self.count += 1
+        p = serve(self.folder, span, self.logs / f"server{self.count}.log", peers)
+        p.span = span
+        self.procs.append(p)
+        return p
+
+    def alive(self, span: str):
+        return [p for p in self.procs if p.span == span and p.proc.poll() is None]
+
+    def refill(self, per_span: int = 2) -> None:
+        new = []
+        peers = [p.addr for p in self.procs if p.addr and p.proc.poll() is None][:3]
+        for span in SPANS:
+            for _ in range(per_span - len(self.alive(span))):
+                new.append(self._start(span, peers or [self.boot]))
+        for p in new:
+            p.wait_ready_sync()
+
+    def by_peer(self, peer_id: str):
+        return next(p for p in self.procs if p.addr and p.peer_id == peer_id)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            p.cleanup()

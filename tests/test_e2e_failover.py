@@ -12,67 +12,9 @@ from transformers import AutoModelForCausalLM
 from mesh import DistributedModelForCausalLM
 from mesh.model.errors import MeshError
 
-from conftest import make_tiny
-from procs import serve
+from procs import wait_for_servers
 
 pytestmark = pytest.mark.e2e
-
-SPANS = ["0:10", "10:20", "20:30"]
-
-
-class Pool:
-    """Two servers per span; `refill()` replaces the ones a test killed."""
-
-    def __init__(self, folder, logs) -> None:
-        self.folder, self.logs = folder, logs
-        self.procs = []
-        self.count = 0
-        first = self._start(SPANS[0], [])
-        first.wait_ready_sync()
-        self.boot = first.addr
-
-    def _start(self, span: str, peers: list[str]):
-        self.count += 1
-        p = serve(self.folder, span, self.logs / f"server{self.count}.log", peers)
-        p.span = span
-        self.procs.append(p)
-        return p
-
-    def alive(self, span: str):
-        return [p for p in self.procs if p.span == span and p.proc.poll() is None]
-
-    def refill(self, per_span: int = 2) -> None:
-        new = []
-        peers = [p.addr for p in self.procs if p.addr and p.proc.poll() is None][:3]
-        for span in SPANS:
-            for _ in range(per_span - len(self.alive(span))):
-                new.append(self._start(span, peers or [self.boot]))
-        for p in new:
-            p.wait_ready_sync()
-
-    def by_peer(self, peer_id: str):
-        return next(p for p in self.procs if p.addr and p.peer_id == peer_id)
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            p.cleanup()
-
-
-@pytest.fixture(scope="module")
-def tiny30(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
-    make_tiny("llama", layers=30).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pool(tiny30, tmp_path_factory):
-    pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
-    try:
-        pool.refill()
-        yield pool
-    finally:
-        pool.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +35,7 @@ def generate_with_failures(model, pool, ids, kills: dict[int, tuple[int, int]]):
     """Greedy 64 tokens; at token t (key) send signal s to the server in use at hop h: kills[t] = (h, s)."""
     pool.refill()
     with model.inference_session(max_length=128) as session:
-        model.client.call(lambda: _wait_table(model, 6))
+        model.client.call(lambda: wait_for_servers(model, 6))
         seen, gaps, last = [0], [], [time.monotonic()]
 
         def on_token(_):
@@ -107,11 +49,6 @@ def generate_with_failures(model, pool, ids, kills: dict[int, tuple[int, int]]):
 
         out = model.generate(ids, max_new_tokens=64, session=session, on_token=on_token)
         return out, gaps, session.remote.recoveries
-
-
-async def _wait_table(model, n):
-    swarm = model.client.swarm
-    await swarm.wait_for(lambda t: len(t.servers(model.source.model_id)) >= n, 20)
 
 
 @pytest.mark.parametrize("hop", [0, 1, 2], ids=["first", "middle", "last"])

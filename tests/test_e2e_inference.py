@@ -12,16 +12,8 @@ from transformers import AutoModelForCausalLM
 from mesh import DistributedModelForCausalLM
 from mesh.cli.localswarm import LocalSwarm
 
-from conftest import make_tiny
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def tiny30(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
-    make_tiny("llama", layers=30).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

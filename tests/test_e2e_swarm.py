@@ -12,17 +12,9 @@ import trio
 from mesh.net.node import NodeConfig, open_node
 from mesh.net.swarm import ServerState, open_swarm
 
-from conftest import make_tiny
 from procs import run_mesh, serve
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def tiny30(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
-    make_tiny("llama", layers=30).save_pretrained(folder)
-    return folder
 
 
 async def test_three_servers_status_kill_and_term(tiny30, tmp_path):

@@ -12,27 +12,9 @@ from mesh.net.inference import BanList
 from mesh.net.latency import RttTracker
 from mesh.net.training import SwarmBlocks
 
-from conftest import make_tiny
-from test_e2e_failover import Pool, _wait_table
+from procs import wait_for_servers
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def tiny30(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny30t") / "tiny30"
-    make_tiny("llama", layers=30).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pool(tiny30, tmp_path_factory):
-    pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
-    try:
-        pool.refill()
-        yield pool
-    finally:
-        pool.cleanup()
 
 
 def local_grads(folder, x, pos, grad_out):
@@ -53,7 +35,7 @@ def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill):
     pool.refill()
     with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot]) as model:
         client = model.client
-        client.call(lambda: _wait_table(model, 6))
+        client.call(lambda: wait_for_servers(model, 6))
         blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), BanList(),
                              model.source.model_id, 30)
         g = torch.Generator().manual_seed(0)
