@@ -78,6 +78,7 @@ def chat(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     max_length: int = typer.Option(2048, min=16, help="Tokens the whole conversation may take."),
     compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
+    exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
@@ -92,7 +93,8 @@ def chat(
     check_compression(compression)
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
-        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression)
+        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression,
+                                                         exact=exact)
     with lm:
         if lm.tokenizer is None or not has_chat_template(lm.tokenizer):
             raise MeshError(f"{model} has no chat template", hint="use `mesh generate` for raw completion")

@@ -26,6 +26,7 @@ def generate(
     spans: int = typer.Option(3, min=1, help="How many spans the blocks are split into (--local)."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
+    exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
 ) -> None:
     """Generate a completion for one prompt, through the swarm (or every block here with --local)."""
     import torch
@@ -48,7 +49,7 @@ def generate(
 
         with stderr().status(f"joining the swarm for {model}"):
             lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, dtype=torch_dtype,
-                                                             compression=compression)
+                                                             compression=compression, exact=exact)
         tokenizer, head = lm.tokenizer, lm.head
     try:
         ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])

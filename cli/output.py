@@ -71,9 +71,10 @@ def setup_logging(verbose: int) -> None:
 def parse_dtype(name: str):
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
     if name.lower() not in table:
-        raise typer.BadParameter(f"{name!r} is not one of float32, bfloat16")
+        raise typer.BadParameter(f"{name!r} is not one of float32, bfloat16, float16")
     return table[name.lower()]
 
 

@@ -20,7 +20,9 @@ def serve(
     listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337)."),
     identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key)."),
     new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16: weights and compute."),
+    quant: str = typer.Option("none", help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),
+    memory: float = typer.Option(None, help="With --blocks auto: GB the blocks may take (counted at --quant)."),
     cache_tokens: int = typer.Option(32768, min=1, help="Attention-cache budget: sum of max_length × batch over sessions."),
     max_length: int = typer.Option(4096, min=1, help="Longest session a client may open."),
     public_name: str = typer.Option("", help="Name shown in `mesh status`."),
@@ -37,6 +39,7 @@ def serve(
     """
     import trio
 
+    from mesh.model.quant import check_quant
     from mesh.net.server import ServerConfig, run_server
 
     setup_logging(verbose)
@@ -46,7 +49,8 @@ def serve(
         torch.set_num_threads(threads)
     config = ServerConfig(model=model, blocks=blocks,
                           node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
-                          dtype=parse_dtype(dtype), cache_tokens=cache_tokens, max_length=max_length,
+                          dtype=parse_dtype(dtype), quant=check_quant(quant), memory_gb=memory,
+                          cache_tokens=cache_tokens, max_length=max_length,
                           public_name=public_name, announce_period=announce_period, idle_timeout=idle_timeout)
 
     async def main() -> None:

@@ -141,7 +141,8 @@ def _render(report: dict):
         for s in m["servers"]:
             rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
             table.add_row(s["public_name"] or "-", s["peer_id"][-8:], f"{s['start']}:{s['end']}", s["state"],
-                          f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt, s["dtype"], s["version"],
+                          f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt,
+                          s["dtype"] + (f"/{s['quant']}" if s.get("quant", "none") != "none" else ""), s["version"],
                           "yes" if s["relayed"] else "no")
         style = "green" if m["covered"] else "red"
         line = coverage_summary(m["servers_per_block"]) if m["num_blocks"] else "no blocks known"

@@ -24,7 +24,7 @@ from mesh.model.errors import MeshError
 from mesh.model.generation import Generator, SamplingConfig
 from mesh.model.head import ClientHead, load_head, load_tokenizer
 from mesh.model.sources import ModelSource, resolve_model
-from mesh.net.inference import BanList, InferenceSession, open_inference_session
+from mesh.net.inference import BanList, InferenceSession, is_exact, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
 from mesh.net.portal import SwarmClient, unwrap
 
@@ -49,7 +49,7 @@ class SwarmSession:
             async with open_inference_session(client.node, client.swarm.table, client.rtt, model.source.model_id,
                                               model.num_blocks, max_length, batch_size,
                                               compression=model.compression, bans=model.bans,
-                                              route_wait=model.route_wait) as session:
+                                              route_wait=model.route_wait, accept=model.accept) as session:
                 done = trio.Event()
                 task_status.started((session, done))
                 started = True
@@ -94,7 +94,8 @@ async def _set(event: trio.Event) -> None:
 
 class DistributedModelForCausalLM:
     def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
-                 compression: str = "none", route_wait: float = 30.0) -> None:
+                 compression: str = "none", route_wait: float = 30.0, exact: bool = False) -> None:
+        self.accept = is_exact if exact else None  # exact: only float32, unquantized servers
         self.route_wait = route_wait  # how long a session waits for a server holding missing blocks
         self.bans = BanList()  # peers that failed this client, shared by its sessions
         self.source = source
@@ -106,7 +107,8 @@ class DistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,
                         dtype: torch.dtype = torch.float32, compression: str = "none", timeout: float = 30.0,
-                        route_wait: float = 30.0, cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
+                        route_wait: float = 30.0, exact: bool = False,
+                        cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
         """Load the client-side parts of `name` and join the swarm through `initial_peers`
         (default: $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server."""
         source = resolve_model(name, cache_dir)
@@ -116,7 +118,7 @@ class DistributedModelForCausalLM:
         if not peers:
             raise MeshError("no peers to join", hint="pass initial_peers (printed by `mesh serve`)")
         client = SwarmClient(NodeConfig(listen=[], initial_peers=peers, dht_mode="client"))
-        model = cls(source, head, tokenizer, client, compression, route_wait)
+        model = cls(source, head, tokenizer, client, compression, route_wait, exact)
         try:
             model.wait_for_swarm(timeout)
         except BaseException:
@@ -136,12 +138,22 @@ class DistributedModelForCausalLM:
         model_id, n = self.source.model_id, self.num_blocks
         swarm = self.client.swarm
 
+        accept = self.accept or (lambda info: True)
+
+        def coverage(table) -> list[int]:
+            counts = [0] * n
+            for info in table.servers(model_id):
+                if accept(info):
+                    for b in range(info.start, min(info.end, n)):
+                        counts[b] += 1
+            return counts
+
         async def wait() -> bool:
             await swarm.discover(model_id, timeout=min(timeout, 10))
-            return await swarm.wait_for(lambda t: min(t.coverage(model_id, n)) > 0, timeout)
+            return await swarm.wait_for(lambda t: min(coverage(t)) > 0, timeout)
 
         if not self.client.call(wait):
-            counts = swarm.table.coverage(model_id, n)
+            counts = coverage(swarm.table)
             missing = [b for b, c in enumerate(counts) if c == 0]
             raise MeshError(f"blocks {_ranges(missing)} of {model_id} have no server (waited {timeout:.0f} s)",
                             hint="start servers with `mesh serve`, or check --initial-peers")

@@ -172,3 +172,12 @@ def span_from_model(model: nn.Module, start: int, end: int) -> Span:
     blocks = getattr(base, "layers", None) or getattr(base, "h")
     dtype = next(model.parameters()).dtype
     return Span(config, start, end, list(blocks[start:end]), dtype)
+
+
+def block_params(config: PretrainedConfig) -> tuple[int, int]:
+    """(parameters in linear layers, other parameters) of one block, counted on the meta device."""
+    family = compat.family_of(config)
+    with torch.device("meta"):
+        layer = compat.build_layer(family, compat.ensure_attention(config), 0)
+    linear = sum(p.numel() for m in layer.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    return linear, sum(p.numel() for p in layer.parameters()) - linear

@@ -87,6 +87,11 @@ class HopState:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # its reader task
 
 
+def is_exact(info: ServerInfo) -> bool:
+    """Servers whose outputs equal the reference model's: float32 weights, no quantization."""
+    return info.quant == "none" and info.dtype == "float32"
+
+
 def candidates(servers: list[ServerInfo]) -> list[Candidate]:
     return [Candidate(s.peer_id, s.start, s.end, s.throughput or 1.0, dict(s.next_pings)) for s in servers]
 
@@ -96,7 +101,8 @@ class InferenceSession:
 
     def __init__(self, node: Node, table: SwarmTable, rtt: RttTracker, bans: BanList, model_id: str,
                  num_blocks: int, max_length: int, batch_size: int, compression: str, nursery: trio.Nursery,
-                 route_wait: float) -> None:
+                 route_wait: float, accept: Callable[[ServerInfo], bool] | None = None) -> None:
+        self.accept = accept or (lambda info: True)  # e.g. only exact (unquantized) servers
         self.node, self.table, self.rtt, self.bans = node, table, rtt, bans
         self.model_id, self.num_blocks = model_id, num_blocks
         self.max_length, self.batch_size, self.compression = max_length, batch_size, compression
@@ -213,7 +219,7 @@ class InferenceSession:
         deadline = trio.current_time() + self.route_wait
         warned = False
         while True:
-            servers = [s for s in self.table.servers(self.model_id) if s.peer_id not in banned]
+            servers = [s for s in self.table.servers(self.model_id) if s.peer_id not in banned and self.accept(s)]
             await self.rtt.measure([s.peer_id for s in servers], only_missing=True)
             try:
                 return min_latency_chain(candidates(servers), start, end, self.rtt.rtt, banned=banned)
@@ -233,7 +239,7 @@ class InferenceSession:
 
         covered = [False] * self.num_blocks
         for s in self.table.servers(self.model_id):
-            if s.peer_id not in banned:
+            if s.peer_id not in banned and self.accept(s):
                 for b in range(s.start, min(s.end, self.num_blocks)):
                     covered[b] = True
         return _ranges([b for b in range(start, end) if not covered[b]]) or f"{start}:{end}"
@@ -416,10 +422,11 @@ async def _close_quietly(stack: AsyncExitStack) -> None:
 async def open_inference_session(node: Node, table: SwarmTable, rtt: RttTracker, model_id: str,
                                  num_blocks: int, max_length: int, batch_size: int = 1, *,
                                  compression: str = "none", bans: BanList | None = None,
-                                 route_wait: float = 30.0) -> AsyncIterator[InferenceSession]:
+                                 route_wait: float = 30.0, accept: Callable[[ServerInfo], bool] | None = None,
+                                 ) -> AsyncIterator[InferenceSession]:
     async with trio.open_nursery() as nursery:
         session = InferenceSession(node, table, rtt, bans or BanList(), model_id, num_blocks, max_length,
-                                   batch_size, compression, nursery, route_wait)
+                                   batch_size, compression, nursery, route_wait, accept)
         try:
             await session.open()
             yield session

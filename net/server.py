@@ -18,7 +18,8 @@ import trio
 from mesh import __version__
 from mesh.model.errors import BadRequest
 from mesh.model.sources import ModelSource, resolve_model
-from mesh.model.span import Span, load_span
+from mesh.model.quant import bytes_per_block, quantizer
+from mesh.model.span import Span, block_params, load_span
 from mesh.net import wire
 from mesh.net.codec import check_compression
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
@@ -42,6 +43,8 @@ class ServerConfig:
     blocks: str = "auto"  # "START:END" or "auto"
     node: NodeConfig = field(default_factory=NodeConfig)
     dtype: torch.dtype = torch.float32
+    quant: str = "none"  # "none", "int8" or "nf4": the span's linear layers
+    memory_gb: float | None = None  # with --blocks auto: how much memory the blocks may take
     cache_tokens: int = 32768  # sum of max_length × batch over open sessions
     max_length: int = 4096  # longest session a client may open
     public_name: str = ""
@@ -111,6 +114,15 @@ def choose_blocks(source: ModelSource, table_servers: list[ServerInfo], num_bloc
     return start, min(total, start + want)
 
 
+def blocks_that_fit(source: ModelSource, quant: str, dtype: torch.dtype, memory_gb: float | None) -> int | None:
+    """How many blocks `memory_gb` holds in this quantization (None: no limit given)."""
+    if memory_gb is None:
+        return None
+    linear, other = block_params(source.config)
+    per_block = bytes_per_block(linear, other, quant, dtype)
+    return max(1, min(source.num_blocks, int(memory_gb * 1e9 // per_block)))
+
+
 class Server:
     def __init__(self, config: ServerConfig, source: ModelSource, span: Span, node: Node, swarm: Swarm) -> None:
         self.config = config
@@ -136,7 +148,7 @@ class Server:
             peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.span.start, end=self.span.end,
             state=self.state, throughput=self.throughput, inference_rps=self.inference_rps,
             forward_rps=self.forward_rps, cache_tokens_free=self.budget.free,
-            dtype=str(self.span.dtype).removeprefix("torch."), version=__version__,
+            dtype=str(self.span.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
             next_pings=dict(self.rtt.rtt),
             ttl=max(3.0 * self.config.announce_period, 2.0))
@@ -349,11 +361,15 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
     async with open_node(config.node) as node, open_swarm(node, follow=[source.model_id]) as swarm:
         if fixed is None:
             await swarm.discover(source.model_id, timeout=5)
-            fixed = choose_blocks(source, swarm.table.servers(source.model_id), None)
+            fixed = choose_blocks(source, swarm.table.servers(source.model_id),
+                                  blocks_that_fit(source, config.quant, config.dtype, config.memory_gb))
         start, end = fixed
-        log.info("loading blocks %d:%d of %s (%s)", start, end, source.name, config.dtype)
+        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, source.name, config.dtype,
+                 config.quant)
         t0 = time.perf_counter()
-        span = await trio.to_thread.run_sync(lambda: load_span(source.path, source.config, start, end, config.dtype))
+        hook = quantizer(config.quant, config.dtype)
+        span = await trio.to_thread.run_sync(
+            lambda: load_span(source.path, source.config, start, end, config.dtype, hook))
         log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - t0)
         server = Server(config, source, span, node, swarm)
         server.register()

@@ -1,0 +1,90 @@
+"""Quantized weights for server spans: bitsandbytes int8 (LLM.int8) and nf4, applied layer by layer.
+
+`quantizer(mode, dtype)` returns a hook for `load_span`: each decoder layer is quantized right after its
+weights are read, so a span never holds more than one full-precision layer next to the quantized ones.
+Only the linear layers are quantized; norms and embeddings-free blocks keep the span's dtype.
+
+Relative error (L2) of SmolLM2 blocks 10:20 on real hidden states vs fp32 (tests/test_quant.py):
+bfloat16 3.4e-3, int8 7.4e-3, nf4 5.8e-2. Tensor bytes of those 10 blocks: fp32 141.6 MB, bfloat16
+70.8 MB, int8 35.4 MB, nf4 18.3 MB.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mesh.model.errors import BadRequest
+
+QUANT_MODES = ("none", "int8", "nf4")
+INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold: activations above it go through an fp16 matmul
+
+
+def check_quant(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise BadRequest(f"unknown quantization {mode!r}", hint=f"one of {', '.join(QUANT_MODES)}")
+    return mode
+
+
+def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Replace every nn.Linear inside `module` by its bitsandbytes counterpart (weights quantized now)."""
+    if mode == "none":
+        return module
+    import bitsandbytes as bnb
+
+    # LLM.int8 logs a cast warning on every call with fp32 inputs; the cast is intended.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            w = child.weight.data.to(torch.float32)
+            bias = child.bias
+            if mode == "int8":
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                        has_fp16_weights=False, threshold=INT8_THRESHOLD)
+                q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            else:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            if bias is not None:
+                q.bias = nn.Parameter(bias.data.clone(), requires_grad=False)
+            setattr(module, name, q.to("cpu"))  # .to() quantizes
+        else:
+            quantize_linears(child, mode, compute_dtype)
+    return module
+
+
+def quantizer(mode: str, dtype: torch.dtype) -> Callable[[nn.Module, int], nn.Module] | None:
+    """A `load_span` hook quantizing each layer as it is loaded (None for mode "none")."""
+    check_quant(mode)
+    if mode == "none":
+        return None
+    return lambda layer, index: quantize_linears(layer, mode, dtype)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer, including quantization state (scales, absmax)."""
+    total = 0
+    seen: set[int] = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+        scb = getattr(t, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def bytes_per_block(linear_params: int, other_params: int, mode: str, dtype: torch.dtype) -> float:
+    """Memory of one block in a mode: linear weights at the mode's width (with scales), the rest at dtype."""
+    width = torch.empty(0, dtype=dtype).element_size()
+    linear = {"none": width, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64}[check_quant(mode)]
+    return linear_params * linear + other_params * width
