@@ -29,7 +29,7 @@ from mesh.net import wire
 from mesh.net.client import RemoteSession, open_session
 from mesh.net.latency import RttTracker
 from mesh.net.messages import History, HistoryRequest, Step, StepResult
-from mesh.net.node import Node, PeerUnavailable, short_id
+from mesh.net.node import Node, short_id
 from mesh.net.sessions import concat_steps, trim_steps
 from mesh.net.swarm import ServerInfo, ServerState, SwarmTable
 
@@ -136,7 +136,8 @@ class InferenceSession:
             except HopFailed as e:
                 if attempt == MAX_RECOVERIES:
                     raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {e}") from e
-                log.warning("hop %d (%s) failed: %s", e.index, short_id(self.hops[e.index].hop.peer_id), e)
+                who = short_id(self.hops[e.index].hop.peer_id) if e.index >= 0 else "unknown"
+                log.warning("hop %d (%s) failed: %s", e.index, who, e)
                 t0 = time.perf_counter()
                 dead = sorted(await self._dead_hops(e.index))
                 log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)

@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-import trio
 
 from mesh.net.node import NodeConfig, open_node
 from mesh.net.swarm import ServerState, open_swarm
