@@ -54,6 +54,10 @@ def status(
         trio.run(main)
     except KeyboardInterrupt:
         return
+    except BaseExceptionGroup as group:  # Ctrl-C inside the node's nurseries arrives wrapped
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        return
     if as_json:
         write(json.dumps(result, indent=2) + "\n")
     else:
