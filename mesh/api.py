@@ -27,6 +27,7 @@ from mesh.model.sources import ModelSource, resolve_model
 from mesh.net.inference import BanList, InferenceSession, is_exact, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
 from mesh.net.portal import SwarmClient, unwrap
+from mesh.net.swarm import block_ranges
 
 log = logging.getLogger("mesh.api")
 
@@ -138,24 +139,14 @@ class DistributedModelForCausalLM:
         model_id, n = self.source.model_id, self.num_blocks
         swarm = self.client.swarm
 
-        accept = self.accept or (lambda info: True)
-
-        def coverage(table) -> list[int]:
-            counts = [0] * n
-            for info in table.servers(model_id):
-                if accept(info):
-                    for b in range(info.start, min(info.end, n)):
-                        counts[b] += 1
-            return counts
-
         async def wait() -> bool:
             await swarm.discover(model_id, timeout=min(timeout, 10))
-            return await swarm.wait_for(lambda t: min(coverage(t)) > 0, timeout)
+            return await swarm.wait_for(lambda t: min(t.coverage(model_id, n, self.accept)) > 0, timeout)
 
         if not self.client.call(wait):
-            counts = coverage(swarm.table)
+            counts = swarm.table.coverage(model_id, n, self.accept)
             missing = [b for b, c in enumerate(counts) if c == 0]
-            raise MeshError(f"blocks {_ranges(missing)} of {model_id} have no server (waited {timeout:.0f} s)",
+            raise MeshError(f"blocks {block_ranges(missing)} of {model_id} have no server (waited {timeout:.0f} s)",
                             hint="start servers with `mesh serve`, or check --initial-peers")
 
     def inference_session(self, max_length: int = 1024, batch_size: int = 1) -> SwarmSession:
@@ -218,9 +209,3 @@ def _tokenizer_or_none(source: ModelSource):
     except (OSError, ValueError) as e:
         log.warning("no tokenizer for %s (%s): token ids only", source.name, str(e).splitlines()[0])
         return None
-
-
-def _ranges(blocks: list[int]) -> str:
-    from mesh.net.swarm import _ranges as ranges
-
-    return ranges(blocks)

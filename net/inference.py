@@ -31,7 +31,7 @@ from mesh.net.latency import RttTracker
 from mesh.net.messages import History, HistoryRequest, Step, StepResult
 from mesh.net.node import Node, short_id
 from mesh.net.sessions import concat_steps, trim_steps
-from mesh.net.swarm import ServerInfo, ServerState, SwarmTable
+from mesh.net.swarm import ServerInfo, ServerState, SwarmTable, block_ranges
 
 log = logging.getLogger("mesh.inference")
 
@@ -236,14 +236,9 @@ class InferenceSession:
                 await trio.sleep(0.5)
 
     def _missing(self, start: int, end: int, banned: frozenset[str]) -> str:
-        from mesh.net.swarm import _ranges
-
-        covered = [False] * self.num_blocks
-        for s in self.table.servers(self.model_id):
-            if s.peer_id not in banned and self.accept(s):
-                for b in range(s.start, min(s.end, self.num_blocks)):
-                    covered[b] = True
-        return _ranges([b for b in range(start, end) if not covered[b]]) or f"{start}:{end}"
+        counts = self.table.coverage(self.model_id, self.num_blocks,
+                                     lambda s: s.peer_id not in banned and self.accept(s))
+        return block_ranges([b for b in range(start, end) if counts[b] == 0]) or f"{start}:{end}"
 
     async def _open_hops(self, route: list[Hop], next_hop: dict | None) -> list[HopState]:
         """Sessions for `route`, last first, the last one pushing to `next_hop`."""

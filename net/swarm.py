@@ -144,10 +144,13 @@ class SwarmTable:
         self.expire()
         return self._entries.get(peer_id)
 
-    def coverage(self, model_id: str, num_blocks: int) -> list[int]:
-        """How many ONLINE servers hold each block."""
+    def coverage(self, model_id: str, num_blocks: int,
+                 accept: Callable[[ServerInfo], bool] | None = None) -> list[int]:
+        """How many ONLINE servers (that `accept` admits) hold each block."""
         counts = [0] * num_blocks
         for info in self.servers(model_id):
+            if accept is not None and not accept(info):
+                continue
             for b in range(max(0, info.start), min(num_blocks, info.end)):
                 counts[b] += 1
         return counts
@@ -313,10 +316,10 @@ def coverage_summary(counts: list[int]) -> str:
     missing = [i for i, c in enumerate(counts) if c == 0]
     if not missing:
         return f"all {len(counts)} blocks covered (min {min(counts)} servers per block)"
-    return f"{len(missing)} of {len(counts)} blocks missing: {_ranges(missing)}"
+    return f"{len(missing)} of {len(counts)} blocks missing: {block_ranges(missing)}"
 
 
-def _ranges(blocks: list[int]) -> str:
+def block_ranges(blocks: list[int]) -> str:
     out, start = [], None
     for i, b in enumerate(blocks):
         if start is None:
