@@ -10,6 +10,7 @@ same server twice in a row. It is a shortest path over states (block, server) so
 from __future__ import annotations
 
 import heapq
+import random
 import itertools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -135,3 +136,20 @@ def _first_gap(servers: Sequence[Candidate], start: int, end: int) -> int:
             break
         reach = max(reach, s.end)
     return reach if reach < end else start
+
+
+def spread_chain(servers: Sequence[Candidate], start: int, end: int, rng: random.Random,
+                 banned: frozenset[str] = frozenset()) -> list[Hop]:
+    """A chain for training, where load matters more than latency: at each position, a server holding it,
+    drawn with probability proportional to its throughput, serves as far as its span goes."""
+    usable = [s for s in servers if s.peer_id not in banned and s.start < end and s.end > start]
+    hops: list[Hop] = []
+    pos = start
+    while pos < end:
+        here = [s for s in usable if s.start <= pos < s.end]
+        if not here:
+            raise NoRoute(pos)
+        s = rng.choices(here, weights=[max(c.throughput, 1e-9) for c in here])[0]
+        hops.append(Hop(s.peer_id, pos, min(s.end, end)))
+        pos = hops[-1].end
+    return hops

@@ -79,6 +79,8 @@ def chat(
     max_length: int = typer.Option(2048, min=16, help="Tokens the whole conversation may take."),
     compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
     exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
+    adapter: str = typer.Option(None, help="A folder from `mesh finetune` (prompt or LoRA), or the name of an "
+                                           "adapter the servers host."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
@@ -96,6 +98,7 @@ def chat(
         lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression,
                                                          exact=exact)
     with lm:
+        lm.use_adapter(adapter)
         if lm.tokenizer is None or not has_chat_template(lm.tokenizer):
             raise MeshError(f"{model} has no chat template", hint="use `mesh generate` for raw completion")
         torch.manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from mesh.cli.chat import chat
+from mesh.cli.finetune import finetune
 from mesh.cli.generate import generate
 from mesh.cli.serve import serve
 from mesh.cli.status import status
@@ -16,6 +17,7 @@ app.command()(serve)
 app.command()(status)
 app.command()(generate)
 app.command()(chat)
+app.command()(finetune)
 
 
 @app.command()
@@ -47,7 +49,7 @@ def demo(
                 stderr().print(f"[dim]server for blocks {a}:{b} (log: {log})[/dim]", highlight=False)
             chat(model="smollm2", initial_peers=swarm.initial_peers, prompt=prompt, system=None,
                  max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                 seed=0, max_length=2048, compression="none", exact=False, verbose=0)
+                 seed=0, max_length=2048, compression="none", exact=False, adapter=None, verbose=0)
         finally:
             with stderr().status("stopping the servers"):
                 swarm.stop()

@@ -15,14 +15,28 @@ from mesh.cli.output import one_line_errors, parse_dtype, setup_logging, write
 @one_line_errors
 def serve(
     model: str = typer.Argument("smollm2", help="Model to serve: name, hub id, folder or .gguf."),
-    blocks: str = typer.Option("auto", help="START:END to host blocks [START, END), or auto."),
+    blocks: str = typer.Option("auto", help="START:END to host blocks [START, END), or auto: as many as "
+                               "--max-memory holds, where the swarm is weakest, moving when balance needs it."),
     initial_peers: list[str] = initial_peers_option(),
     listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337)."),
     identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key)."),
     new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16: weights and compute."),
     quant: str = typer.Option("none", help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),
-    memory: float = typer.Option(None, help="With --blocks auto: GB the blocks may take (counted at --quant)."),
+    max_memory: float = typer.Option(None, "--max-memory", "--memory",
+                                     help="With --blocks auto: GB for the blocks (at --quant) and their attention "
+                                          "cache (default: half the available memory)."),
+    balance_period: float = typer.Option(60.0, min=0.0, help="With --blocks auto: mean seconds between checks "
+                                                            "whether moving would help the swarm (0: never move)."),
+    join_delay: float = typer.Option(2.5, min=0.0, help="With --blocks auto: mean random wait before choosing "
+                                                       "blocks, so servers starting together spread out."),
+    bandwidth: float = typer.Option(None, min=0.1, help="This host's link in Mbit/s, for the announced "
+                                                       "throughput (default: probed against a connected "
+                                                       "server, else 100 assumed)."),
+    adapter: list[Path] = typer.Option(None, help="LoRA adapter folder (peft format) to host; clients use it "
+                                                  "by the folder's name (`mesh chat --adapter NAME`). Repeatable."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Measure compute throughput again instead of "
+                                                             "using the cached figure."),
     cache_tokens: int = typer.Option(32768, min=1, help="Attention-cache budget: sum of max_length × batch over sessions."),
     max_length: int = typer.Option(4096, min=1, help="Longest session a client may open."),
     public_name: str = typer.Option("", help="Name shown in `mesh status`."),
@@ -49,7 +63,9 @@ def serve(
         torch.set_num_threads(threads)
     config = ServerConfig(model=model, blocks=blocks,
                           node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
-                          dtype=parse_dtype(dtype), quant=check_quant(quant), memory_gb=memory,
+                          dtype=parse_dtype(dtype), quant=check_quant(quant), max_memory_gb=max_memory,
+                          balance_period=balance_period, join_delay=join_delay, bandwidth_mbps=bandwidth,
+                          remeasure=remeasure, adapters=list(adapter or []),
                           cache_tokens=cache_tokens, max_length=max_length,
                           public_name=public_name, announce_period=announce_period, idle_timeout=idle_timeout)
 
@@ -68,7 +84,7 @@ def serve(
                 server = await inner.start(lambda task_status: run_server(config, stop=stop, task_status=task_status))
                 for addr in server.node.join_addrs():
                     write(f"mesh: listening on {addr}\n")
-                write(f"mesh: serving blocks {server.span.start}:{server.span.end} of {server.source.model_id} "
+                write(f"mesh: serving blocks {server.blocks[0]}:{server.blocks[1]} of {server.source.model_id} "
                       f"({server.source.num_blocks} blocks)\n")
             outer.cancel_scope.cancel()
         logging.getLogger("mesh.server").info("stopped")

@@ -140,18 +140,31 @@ def _render(report: dict):
     for m in report["models"]:
         table = Table(title=f"{m['model_id']} ({m['num_blocks']} blocks)", title_justify="left")
         for col in ("name", "peer", "blocks", "state", "tok/s/block", "free cache", "rtt ms", "dtype",
-                    "version", "relayed"):
+                    "version", "relayed", "adapters"):
             table.add_column(col)
         for s in m["servers"]:
             rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
             table.add_row(s["public_name"] or "-", s["peer_id"][-8:], f"{s['start']}:{s['end']}", s["state"],
                           f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt,
                           s["dtype"] + (f"/{s['quant']}" if s.get("quant", "none") != "none" else ""), s["version"],
-                          "yes" if s["relayed"] else "no")
+                          "yes" if s["relayed"] else "no", ", ".join(s.get("adapters") or []) or "-")
         style = "green" if m["covered"] else "red"
         line = coverage_summary(m["servers_per_block"]) if m["num_blocks"] else "no blocks known"
         parts += [table, Text(line, style=style)]
         if m["num_blocks"]:
-            low = min(m["throughput_per_block"])
-            parts.append(Text(f"bottleneck: {low:.1f} tokens/s at block {m['throughput_per_block'].index(low)}"))
+            runs = block_runs(m["throughput_per_block"])
+            parts.append(Text("tokens/s per block: " + "  ".join(f"{a}:{b} {t:.1f}" for a, b, t in runs)))
+            low = min(runs, key=lambda r: r[2])
+            parts.append(Text(f"bottleneck: blocks {low[0]}:{low[1]} at {low[2]:.1f} tokens/s", style=style))
     return Group(*parts)
+
+
+def block_runs(values: list[float]) -> list[tuple[int, int, float]]:
+    """Stretches of consecutive blocks with the same summed throughput: (start, end, tokens/s)."""
+    runs: list[tuple[int, int, float]] = []
+    for b, t in enumerate(values):
+        if runs and abs(runs[-1][2] - t) <= 1e-6 * max(1.0, t):
+            runs[-1] = (runs[-1][0], b + 1, runs[-1][2])
+        else:
+            runs.append((b, b + 1, t))
+    return runs

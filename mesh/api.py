@@ -13,6 +13,7 @@ The client holds only the embeddings, the final norm and the LM head; every bloc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -20,10 +21,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 import trio
 
-from mesh.model.errors import MeshError
+from mesh.model.errors import BadRequest, MeshError
 from mesh.model.generation import Generator, SamplingConfig
 from mesh.model.head import ClientHead, load_head, load_tokenizer
 from mesh.model.sources import ModelSource, resolve_model
+from mesh.net.adapters import ClientLora
 from mesh.net.inference import BanList, InferenceSession, is_exact, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
 from mesh.net.portal import SwarmClient, unwrap
@@ -40,8 +42,9 @@ class SwarmSession:
         self.max_length = max_length
         self.batch_size = batch_size
         client = model.client
-        self._remote, self._done = client.start_task(self._hold, max_length, batch_size)
-        self.generator = Generator(model.head, self.run_blocks, model.tokenizer)
+        extra = 0 if model.prefix is None else model.prefix.shape[0]
+        self._remote, self._done = client.start_task(self._hold, max_length + extra, batch_size)
+        self.generator = Generator(model.head, self.run_blocks, model.tokenizer, prefix=model.prefix)
 
     async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
         client, model = self.model.client, self.model
@@ -50,7 +53,8 @@ class SwarmSession:
             async with open_inference_session(client.node, client.swarm.table, client.rtt, model.source.model_id,
                                               model.num_blocks, max_length, batch_size,
                                               compression=model.compression, bans=model.bans,
-                                              route_wait=model.route_wait, accept=model.accept) as session:
+                                              route_wait=model.route_wait, accept=model.accept,
+                                              lora=model.lora) as session:
                 done = trio.Event()
                 task_status.started((session, done))
                 started = True
@@ -96,7 +100,7 @@ async def _set(event: trio.Event) -> None:
 class DistributedModelForCausalLM:
     def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
                  compression: str = "none", route_wait: float = 30.0, exact: bool = False) -> None:
-        self.accept = is_exact if exact else None  # exact: only float32, unquantized servers
+        self.accept = self._base_accept = is_exact if exact else None  # exact: float32, unquantized only
         self.route_wait = route_wait  # how long a session waits for a server holding missing blocks
         self.bans = BanList()  # peers that failed this client, shared by its sessions
         self.source = source
@@ -104,6 +108,33 @@ class DistributedModelForCausalLM:
         self.tokenizer = tokenizer
         self.client = client
         self.compression = compression
+        self.lora: ClientLora | None = None  # applied by the servers in every new session
+        self.prefix: torch.Tensor | None = None  # trained virtual tokens fed before every session's input
+
+    def use_adapter(self, adapter: str | Path | None) -> None:
+        """Apply an adapter to sessions opened from now on: a folder written by `mesh finetune` (prompt or
+        LoRA), or the name of one the servers host (`mesh serve --adapter`). None removes it."""
+        self.lora, self.prefix, self.accept = None, None, self._base_accept
+        if adapter is None:
+            return
+        path = Path(adapter)
+        if not path.is_dir():  # hosted: only servers announcing it may serve this client
+            name, base = str(adapter), self._base_accept
+            self.lora = ClientLora(name)
+            self.accept = lambda s: name in s.adapters and (base is None or base(s))
+            return
+        from mesh.tuning import Adapter
+
+        loaded = Adapter.load(path, self.config)
+        if loaded.deep is not None:
+            raise BadRequest("deep-prompt adapters apply to training passes, not to generation",
+                             hint="use a prompt or lora adapter for chat")
+        weights = loaded.lora_weights()
+        if weights is not None:
+            digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes() for t in weights.tensors()))
+            self.lora = ClientLora(f"file:{digest.hexdigest()[:20]}", weights)
+        else:
+            self.prefix = loaded.prompt.detach()
 
     @classmethod
     def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,

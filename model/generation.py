@@ -92,6 +92,7 @@ class Generator:
     ids: torch.Tensor | None = None  # every token of the session, [B, L]
     mask: torch.Tensor | None = None  # [B, L]
     fed: int = 0  # how many of `ids` the caches hold
+    prefix: torch.Tensor | None = None  # [P, H] trained virtual tokens, fed before the first token
     finished: torch.Tensor | None = field(default=None, repr=False)
 
     @torch.no_grad()
@@ -152,11 +153,17 @@ class Generator:
     def _feed(self) -> torch.Tensor:
         """Run the tokens not yet in the caches through the blocks; return their logits."""
         new_ids = self.ids[:, self.fed:]
-        positions = self.mask.cumsum(-1) - 1
+        p = 0 if self.prefix is None else self.prefix.shape[0]
+        positions = self.mask.cumsum(-1) - 1 + p
         positions = positions.masked_fill(self.mask == 0, 1)[:, self.fed:]
         new_mask = self.mask[:, self.fed:]
         hidden = self.head.embed(new_ids)
-        hidden = self.run_blocks(hidden, positions, new_mask, self.fed)
+        if p and self.fed == 0:  # the virtual tokens go first, at positions 0..P-1, always attended
+            batch = hidden.shape[0]
+            hidden = torch.cat([self.prefix.to(hidden.dtype)[None].expand(batch, -1, -1), hidden], dim=1)
+            positions = torch.cat([torch.arange(p)[None].expand(batch, -1), positions], dim=1)
+            new_mask = torch.cat([torch.ones(batch, p, dtype=new_mask.dtype), new_mask], dim=1)
+        hidden = self.run_blocks(hidden, positions, new_mask, self.fed + (p if self.fed else 0))
         self.fed = self.ids.shape[1]
         return self.head.logits(hidden[:, -1:, :])
 

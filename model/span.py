@@ -8,7 +8,7 @@ local reference run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -16,6 +16,8 @@ from transformers import PretrainedConfig
 
 from mesh.model import compat
 from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
+from mesh.model.lora import LoraWeights
+from mesh.model.lora import applied as lora_applied
 from mesh.model.weights import Checkpoint, read_block
 
 # Called on each freshly loaded layer (e.g. to quantize its linear layers); returns the layer to use.
@@ -42,6 +44,12 @@ class SpanCache:
             raise BadRequest(f"cannot roll back a cache of {self.length} tokens to {length}")
         compat.kv_crop(self.kv, self.length - length)
         self.mask = self.mask[:, :length]
+
+
+class SpanGrads(NamedTuple):
+    hidden: torch.Tensor
+    prompts: torch.Tensor | None
+    lora: list[torch.Tensor] | None  # in LoraWeights.tensors() order
 
 
 class Span(nn.Module):
@@ -84,12 +92,13 @@ class Span(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | None = None,
                 attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
-                ) -> torch.Tensor:
+                lora: LoraWeights | None = None) -> torch.Tensor:
         """Run the span.
 
         hidden [B, T, H]; position_ids [B, T] (the caller owns positions); attention_mask [B, T] for the
         new tokens only (1 keep, 0 pad) or None for all ones; the cache keeps the mask history itself.
-        prompts [n_blocks, B, P, H] (deep prompt tuning): added to the first P positions before each block.
+        prompts [n_blocks, B or 1, P, H] (deep prompt tuning): added to the first P positions before each block.
+        lora: adapters for exactly this span's blocks, applied to their projections for this call.
         """
         self._check(hidden, position_ids, attention_mask, cache)
         batch, new = hidden.shape[:2]
@@ -106,26 +115,39 @@ class Span(nn.Module):
         hidden = hidden.to(self.dtype)
         kv = cache.kv if cache is not None else None
         prepared = self.runner.prepare(hidden, position_ids, kv, full_mask)
-        for i, layer in enumerate(self.layers):
-            if prompts is not None:
-                p = prompts[i].to(hidden.dtype)
-                hidden = torch.cat([hidden[:, : p.shape[1]] + p, hidden[:, p.shape[1]:]], dim=1)
-            hidden = self.runner.call(layer, hidden, position_ids, kv, prepared)
+        if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks
+                                    or prompts.shape[1] not in (1, batch) or prompts.shape[2] > new
+                                    or prompts.shape[3] != self.hidden_size):
+            raise BadRequest(f"prompts must be [{self.num_blocks}, 1 or {batch}, ≤{new}, {self.hidden_size}], "
+                             f"got {list(prompts.shape)}")
+        with lora_applied(self.layers, lora):
+            for i, layer in enumerate(self.layers):
+                if prompts is not None:
+                    p = prompts[i].to(hidden.dtype)
+                    hidden = torch.cat([hidden[:, : p.shape[1]] + p, hidden[:, p.shape[1]:]], dim=1)
+                hidden = self.runner.call(layer, hidden, position_ids, kv, prepared)
         if cache is not None:
             cache.mask = full_mask
         return hidden
 
     def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradient of <output, grad_output> w.r.t. the input hidden states (and deep prompts)."""
+                 lora: LoraWeights | None = None) -> "SpanGrads":
+        """Gradients of <output, grad_output> w.r.t. the input hidden states, deep prompts and LoRA."""
         with torch.enable_grad():
             x = hidden.detach().to(self.dtype).requires_grad_(True)
             p = prompts.detach().to(self.dtype).requires_grad_(True) if prompts is not None else None
-            out = self.forward(x, position_ids, None, attention_mask, p)
-            inputs = (x, p) if p is not None else (x,)
-            grads = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
-        return grads[0], (grads[1] if p is not None else None)
+            adapters = None
+            if lora is not None:
+                flat = [t.detach().to(torch.float32).requires_grad_(True) for t in lora.tensors()]
+                adapters = LoraWeights.from_tensors(lora.spec, lora.start, lora.end, flat)
+            out = self.forward(x, position_ids, None, attention_mask, p, adapters)
+            inputs = [x] + ([p] if p is not None else []) + (adapters.tensors() if adapters is not None else [])
+            grads = list(torch.autograd.grad(out, inputs, grad_output.to(out.dtype), allow_unused=True))
+        grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+        grad_p = grads[1] if p is not None else None
+        grad_lora = grads[2 if p is not None else 1:] if adapters is not None else None
+        return SpanGrads(grads[0], grad_p, grad_lora)
 
     def _check(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, cache: SpanCache | None) -> None:

@@ -16,14 +16,18 @@ from typing import AsyncIterator
 import torch
 import trio
 
+from mesh.model.span import SpanGrads
 from mesh.net import wire
+from mesh.net.adapters import ClientLora
+from mesh.net.codec import decode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
-                               InfoReply, InfoRequest, OpenSession, Ping, Pong, Relink, SessionOpened, Step,
+                               InfoReply, InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step,
                                StepResult)
 from mesh.net.node import Node, PeerUnavailable
 from mesh.net.swarm import ServerInfo
 
 STEP_TIMEOUT = 60.0
+PROBE_BYTES = 1 << 20
 
 
 class RemoteSession:
@@ -75,9 +79,10 @@ class RemoteSession:
 @asynccontextmanager
 async def open_session(node: Node, server: ServerInfo, start: int, end: int, max_length: int,
                        batch_size: int = 1, *, compression: str = "none", next_hop: dict | None = None,
-                       timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
+                       lora: ClientLora | None = None, timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
     node.remember(server.peer_id, server.addrs)
-    opened = OpenSession(secrets.token_hex(8), start, end, max_length, batch_size, compression, next_hop)
+    opened = OpenSession(secrets.token_hex(8), start, end, max_length, batch_size, compression, next_hop,
+                         lora=lora.ref(start, end, with_weights=True) if lora is not None else None)
     async with node.stream(server.peer_id, "inference", timeout=timeout) as stream:
         await wire.write_frame(stream, opened.to_wire(), timeout=timeout)
         try:
@@ -94,23 +99,59 @@ async def open_session(node: Node, server: ServerInfo, start: int, end: int, max
 
 async def remote_forward(node: Node, server: ServerInfo, start: int, end: int, hidden: torch.Tensor,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                         prompts: torch.Tensor | None = None, compression: str = "none",
-                         timeout: float = STEP_TIMEOUT) -> torch.Tensor:
+                         prompts: torch.Tensor | None = None, lora: ClientLora | None = None,
+                         compression: str = "none", timeout: float = STEP_TIMEOUT) -> torch.Tensor:
     node.remember(server.peer_id, server.addrs)
-    req = ForwardRequest(start, end, hidden, position_ids, attention_mask, prompts, compression)
-    reply = await _call(node, server.peer_id, "forward", req, compression, timeout, ForwardReply)
+
+    def request(ref: dict | None) -> ForwardRequest:
+        return ForwardRequest(start, end, hidden, position_ids, attention_mask, prompts, compression, ref)
+
+    reply = await _call_with_lora(node, server.peer_id, "forward", request, lora, start, end, compression,
+                                  timeout, ForwardReply)
     return reply.hidden
 
 
 async def remote_backward(node: Node, server: ServerInfo, start: int, end: int, hidden: torch.Tensor,
                           grad_output: torch.Tensor, position_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *, prompts: torch.Tensor | None = None,
-                          compression: str = "none", timeout: float = STEP_TIMEOUT
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          lora: ClientLora | None = None, compression: str = "none",
+                          timeout: float = STEP_TIMEOUT) -> SpanGrads:
+    """Gradients w.r.t. the hop's input, its deep prompts and its LoRA tensors (those sent)."""
     node.remember(server.peer_id, server.addrs)
-    req = BackwardRequest(start, end, hidden, grad_output, position_ids, attention_mask, prompts, compression)
-    reply = await _call(node, server.peer_id, "backward", req, compression, timeout, BackwardReply)
-    return reply.grad_input, reply.grad_prompts
+
+    def request(ref: dict | None) -> BackwardRequest:
+        return BackwardRequest(start, end, hidden, grad_output, position_ids, attention_mask, prompts,
+                               compression, ref)
+
+    reply = await _call_with_lora(node, server.peer_id, "backward", request, lora, start, end, compression,
+                                  timeout, BackwardReply)
+    grad_lora = None
+    if reply.grad_lora is not None:
+        if not isinstance(reply.grad_lora, list):
+            raise wire.MalformedFrame("grad_lora is not a list")
+        grad_lora = [decode_tensor(g, name="grad_lora") for g in reply.grad_lora]
+    return SpanGrads(reply.grad_input, reply.grad_prompts, grad_lora)
+
+
+async def _call_with_lora(node: Node, peer_id: str, name: str, request, lora: ClientLora | None, start: int,
+                          end: int, compression: str, timeout: float, reply_type):
+    """Send the adapter's weights the first time this server sees them for these blocks, and again if it
+    has forgotten them (`adapter_unknown`)."""
+    slot = (peer_id, start, end)
+    for attempt in range(2):
+        send = lora is not None and lora.weights is not None and slot not in lora.sent
+        ref = lora.ref(start, end, send) if lora is not None else None
+        try:
+            reply = await _call(node, peer_id, name, request(ref), compression, timeout, reply_type)
+        except wire.AdapterUnknown:
+            if attempt or lora is None:
+                raise
+            lora.sent.discard(slot)
+            continue
+        if send:
+            lora.sent.add(slot)
+        return reply
+    raise AssertionError("unreachable")
 
 
 async def server_info(node: Node, peer_id: str, timeout: float = 10.0) -> InfoReply:
@@ -130,6 +171,16 @@ async def ping(node: Node, peer_id: str, count: int = 3, timeout: float = 5.0) -
                     raise wire.MalformedFrame("pong does not match the ping")
                 rtts.append(time.perf_counter() - t0)
     return statistics.median(rtts)
+
+
+async def probe_link(node: Node, peer_id: str, nbytes: int = PROBE_BYTES, timeout: float = 20.0) -> float:
+    """Bits per second of a round trip of `nbytes` up and `nbytes` back, less one RTT (the link's rate
+    as both directions see it; a peer's own link may be the narrower one, so this is a lower bound)."""
+    rtt = await ping(node, peer_id, count=2, timeout=timeout)
+    t0 = time.perf_counter()
+    await node.request(peer_id, "probe", Probe(bytes(nbytes), nbytes), timeout=timeout, reply=ProbeReply)
+    elapsed = time.perf_counter() - t0 - rtt
+    return 2 * nbytes * 8 / max(elapsed, 1e-6)
 
 
 async def _call(node: Node, peer_id: str, name: str, req, compression: str, timeout: float, reply_type):

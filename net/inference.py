@@ -26,6 +26,7 @@ import trio
 from mesh.balancing.routing import Candidate, Hop, NoRoute, min_latency_chain
 from mesh.model.errors import MeshError
 from mesh.net import wire
+from mesh.net.adapters import ClientLora
 from mesh.net.client import RemoteSession, open_session
 from mesh.net.latency import RttTracker
 from mesh.net.messages import History, HistoryRequest, Step, StepResult
@@ -92,8 +93,10 @@ def is_exact(info: ServerInfo) -> bool:
     return info.quant == "none" and info.dtype == "float32"
 
 
-def candidates(servers: list[ServerInfo]) -> list[Candidate]:
-    return [Candidate(s.peer_id, s.start, s.end, s.throughput or 1.0, dict(s.next_pings)) for s in servers]
+def candidates(servers: list[ServerInfo], throughput: bool = False) -> list[Candidate]:
+    """Routing's view of servers: per-block decode rates (latency), or announced throughput (load)."""
+    return [Candidate(s.peer_id, s.start, s.end, (s.throughput if throughput else s.inference_rps) or 1.0,
+                      dict(s.next_pings)) for s in servers]
 
 
 class InferenceSession:
@@ -101,8 +104,10 @@ class InferenceSession:
 
     def __init__(self, node: Node, table: SwarmTable, rtt: RttTracker, bans: BanList, model_id: str,
                  num_blocks: int, max_length: int, batch_size: int, compression: str, nursery: trio.Nursery,
-                 route_wait: float, accept: Callable[[ServerInfo], bool] | None = None) -> None:
+                 route_wait: float, accept: Callable[[ServerInfo], bool] | None = None,
+                 lora: ClientLora | None = None) -> None:
         self.accept = accept or (lambda info: True)  # e.g. only exact (unquantized) servers
+        self.lora = lora  # applied by every server of the chain, replacements included
         self.node, self.table, self.rtt, self.bans = node, table, rtt, bans
         self.model_id, self.num_blocks = model_id, num_blocks
         self.max_length, self.batch_size, self.compression = max_length, batch_size, compression
@@ -148,7 +153,7 @@ class InferenceSession:
         """Expected compute + network time of this step, with a wide margin."""
         expected = 0.0
         for h in self.hops:
-            expected += (h.hop.end - h.hop.start) * tokens / max(h.info.throughput, 1e-3)
+            expected += (h.hop.end - h.hop.start) * tokens / max(h.info.inference_rps, 1e-3)
             expected += self.rtt.rtt.get(h.hop.peer_id, 0.05)
         return BASE_TIMEOUT + 4 * expected
 
@@ -246,13 +251,15 @@ class InferenceSession:
         states: list[HopState] = []
         try:
             for hop in reversed(route):
-                info = by_id[hop.peer_id]
+                info = by_id.get(hop.peer_id)
+                if info is None:  # its entry expired while the route was being planned
+                    raise OpenFailed(hop.peer_id, f"server {short_id(hop.peer_id)} left the swarm")
                 stack = AsyncExitStack()
                 states.append(HopState(hop, info, None, stack))  # type: ignore[arg-type]
                 try:
                     states[-1].session = await stack.enter_async_context(open_session(
                         self.node, info, hop.start, hop.end, self.max_length, self.batch_size,
-                        compression=self.compression, next_hop=next_hop))
+                        compression=self.compression, next_hop=next_hop, lora=self.lora))
                 except (MeshError, trio.TooSlowError) as e:
                     raise OpenFailed(hop.peer_id, f"cannot open a session on {short_id(hop.peer_id)}: {e}") from e
                 next_hop = {"peer_id": info.peer_id, "addrs": info.addrs, "session_id": states[-1].session.session_id}
@@ -419,10 +426,10 @@ async def open_inference_session(node: Node, table: SwarmTable, rtt: RttTracker,
                                  num_blocks: int, max_length: int, batch_size: int = 1, *,
                                  compression: str = "none", bans: BanList | None = None,
                                  route_wait: float = 30.0, accept: Callable[[ServerInfo], bool] | None = None,
-                                 ) -> AsyncIterator[InferenceSession]:
+                                 lora: ClientLora | None = None) -> AsyncIterator[InferenceSession]:
     async with trio.open_nursery() as nursery:
         session = InferenceSession(node, table, rtt, bans or BanList(), model_id, num_blocks, max_length,
-                                   batch_size, compression, nursery, route_wait, accept)
+                                   batch_size, compression, nursery, route_wait, accept, lora)
         try:
             await session.open()
             yield session

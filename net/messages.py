@@ -94,6 +94,18 @@ class Pong(Message):
 
 
 @dataclass
+class Probe(Message):
+    """Link-rate probe: `payload` up, then `reply_bytes` back."""
+    payload: bytes
+    reply_bytes: int
+
+
+@dataclass
+class ProbeReply(Message):
+    payload: bytes
+
+
+@dataclass
 class SnapshotRequest(Message):
     model_id: str = ""  # empty: every model the peer knows
 
@@ -127,6 +139,7 @@ class OpenSession(Message):
     compression: str = "none"
     next: dict | None = None  # {"peer_id", "addrs", "session_id"} of the next server, for pushes
     return_outputs: bool = False  # also send pushed outputs back to the client (costs a message per step)
+    lora: dict | None = None  # LoraRef.to_wire(): adapters applied to every step of the session
 
 
 @dataclass
@@ -194,6 +207,7 @@ class ForwardRequest(Message):
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
     compression: str = "none"
+    lora: dict | None = None  # LoraRef.to_wire(): adapters for blocks [start, end), by key, weights optional
 
 
 @dataclass
@@ -213,6 +227,7 @@ class BackwardRequest(Message):
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
     compression: str = "none"
+    lora: dict | None = None
 
 
 @dataclass
@@ -220,3 +235,4 @@ class BackwardReply(Message):
     TENSORS: ClassVar[tuple[str, ...]] = ("grad_input", "grad_prompts")
     grad_input: torch.Tensor
     grad_prompts: torch.Tensor | None = None
+    grad_lora: list | None = None  # encoded tensors, in LoraWeights.tensors() order

@@ -7,7 +7,9 @@ keeps answering pings, gossip and other sessions while a step computes. Each inf
 
 from __future__ import annotations
 
+import functools
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +18,22 @@ import torch
 import trio
 
 from mesh import __version__
+from mesh.balancing.placement import (MIN_GAIN, MovePlan, Placed, blocks_for_memory, choose_span, plan_move,
+                                      reacts)
+from mesh.balancing.throughput import DEFAULT_BANDWIDTH, Measurement, network_rps, server_throughput
 from mesh.model.errors import BadRequest
-from mesh.model.sources import ModelSource, resolve_model
-from mesh.model.quant import bytes_per_block, quantizer
-from mesh.model.span import Span, block_params, load_span
+from mesh.model.lora import LoraWeights, load_peft
+from mesh.model.measure import (available_memory, block_bytes, cache_bytes_per_block, cached, default_budget,
+                                measure_block, measurement_key, work_bytes)
+from mesh.model.quant import quantizer
+from mesh.model.sources import ModelSource, cache_root, resolve_model
+from mesh.model.span import Span, load_span
 from mesh.net import wire
-from mesh.net.codec import check_compression
+from mesh.net.client import probe_link
+from mesh.net.adapters import AdapterCache
+from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
-                               InfoRequest, OpenSession, Ping, Pong, SessionOpened, Step)
+                               InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, SessionOpened, Step)
 from mesh.net.node import Node, NodeConfig, open_node, short_id
 from mesh.net.latency import RttTracker
 from mesh.net.sessions import ServerSession
@@ -34,6 +44,8 @@ log = logging.getLogger("mesh.server")
 MAX_BATCH = 64
 MAX_NEIGHBOURS = 8
 INLINE_TOKENS = 4
+MAX_PROBE_BYTES = 4 << 20
+REACT_WINDOW = 30.0  # s: a rebalancing check follows a server's departure within U(0, this)
 WARMUP_TOKENS = 256  # steps of at most this many tokens (batch × length) compute on the event loop
 
 
@@ -44,7 +56,13 @@ class ServerConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     dtype: torch.dtype = torch.float32
     quant: str = "none"  # "none", "int8" or "nf4": the span's linear layers
-    memory_gb: float | None = None  # with --blocks auto: how much memory the blocks may take
+    max_memory_gb: float | None = None  # with --blocks auto: blocks + their cache (None: a share of free RAM)
+    join_delay: float = 2.5  # with --blocks auto: wait U(0, 2 × this) s before choosing, so joiners spread
+    balance_period: float = 60.0  # with --blocks auto: mean s between rebalancing checks (0: never move)
+    min_gain: float = MIN_GAIN  # move only if the swarm's bottleneck would rise by more than this fraction
+    bandwidth_mbps: float | None = None  # this host's link; None: probed against a peer, else DEFAULT_BANDWIDTH
+    remeasure: bool = False  # ignore the cached throughput measurement
+    adapters: list[Path] = field(default_factory=list)  # LoRA folders (peft format) served by folder name
     cache_tokens: int = 32768  # sum of max_length × batch over open sessions
     max_length: int = 4096  # longest session a client may open
     public_name: str = ""
@@ -102,32 +120,67 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
     return a, b
 
 
-def choose_blocks(source: ModelSource, table_servers: list[ServerInfo], num_blocks: int | None) -> tuple[int, int]:
-    """`--blocks auto` before balancing knows better: the first uncovered stretch (or the whole model)."""
-    total = source.num_blocks
-    covered = [False] * total
-    for info in table_servers:
-        for b in range(info.start, min(info.end, total)):
-            covered[b] = True
-    want = num_blocks or total
-    start = next((i for i, c in enumerate(covered) if not c), 0)
-    return start, min(total, start + want)
+def blocks_that_fit(source: ModelSource, config: "ServerConfig") -> int:
+    """How many blocks the memory budget holds: weights at the served width plus each block's share of the
+    attention-cache budget, after a reserve for one request's working memory."""
+    budget = config.max_memory_gb * 1e9 if config.max_memory_gb is not None else default_budget()
+    return blocks_for_memory(budget, block_bytes(source.config, config.quant, config.dtype),
+                             cache_bytes_per_block(source.config, config.cache_tokens, config.dtype),
+                             work_bytes(source.config, config.max_length, config.dtype), source.num_blocks)
 
 
-def blocks_that_fit(source: ModelSource, quant: str, dtype: torch.dtype, memory_gb: float | None) -> int | None:
-    """How many blocks `memory_gb` holds in this quantization (None: no limit given)."""
-    if memory_gb is None:
-        return None
-    linear, other = block_params(source.config)
-    per_block = bytes_per_block(linear, other, quant, dtype)
-    return max(1, min(source.num_blocks, int(memory_gb * 1e9 // per_block)))
+async def measure_link(node: Node) -> float | None:
+    """Bits/s to the first connected peer that answers a probe (servers do); None when none does."""
+    for peer in node.connected_peers()[:3]:
+        try:
+            return await probe_link(node, peer)
+        except Exception as e:
+            log.debug("link probe to %s failed: %s", short_id(peer), e)
+    return None
+
+
+async def measure_throughput(config: "ServerConfig", source: ModelSource, node: Node) -> Measurement:
+    """This host's per-block rates for this model (cached, see model/measure.py) and its link's rate:
+    `--bandwidth` if given, else a probe to a peer, else DEFAULT_BANDWIDTH."""
+    key = measurement_key(source.model_id, config.dtype, config.quant)
+
+    def run() -> dict:
+        log.info("measuring throughput of one block (%s, quantization %s)", config.dtype, config.quant)
+        decode, forward = measure_block(source.config, config.dtype, config.quant)
+        return {"inference_rps": decode, "forward_rps": forward}
+
+    rates, hit = await trio.to_thread.run_sync(
+        lambda: cached(cache_root(config.cache_dir), key, run, fresh=config.remeasure))
+    if config.bandwidth_mbps is not None:
+        bandwidth, how = config.bandwidth_mbps * 1e6, "given"
+    elif (probed := await measure_link(node)) is not None:
+        bandwidth, how = probed, "probed"
+    else:
+        bandwidth, how = DEFAULT_BANDWIDTH, "assumed: no peer to probe; pass --bandwidth"
+    m = Measurement(rates["inference_rps"], rates["forward_rps"], network_rps(bandwidth, source.config.hidden_size),
+                    not how.startswith("assumed"))
+    log.info("throughput per block%s: %.0f decode steps/s, %.0f forward tokens/s; link %.0f Mbit/s (%s)",
+             " (cached)" if hit else "", m.inference_rps, m.forward_rps, bandwidth / 1e6, how)
+    return m
+
+
+def placed(infos: list[ServerInfo]) -> list[Placed]:
+    return [Placed(i.peer_id, i.start, i.end, i.throughput) for i in infos]
 
 
 class Server:
-    def __init__(self, config: ServerConfig, source: ModelSource, span: Span, node: Node, swarm: Swarm) -> None:
+    """Serves `blocks`; `span` holds their weights once loaded (None while loading the first time)."""
+
+    def __init__(self, config: ServerConfig, source: ModelSource, node: Node, swarm: Swarm,
+                 measurement: Measurement, blocks: tuple[int, int], *, movable: bool = False,
+                 hosted: dict[str, LoraWeights] | None = None) -> None:
         self.config = config
         self.source = source
-        self.span = span
+        self.blocks = blocks
+        self.span: Span | None = None
+        self.measurement = measurement
+        self.movable = movable  # chosen by --blocks auto: rebalancing may move it
+        self.moves = 0
         self.node = node
         self.swarm = swarm
         self.lane = trio.CapacityLimiter(1)
@@ -135,22 +188,25 @@ class Server:
         self.counters = Counters()
         self.state = ServerState.JOINING
         self.sessions: dict[str, ServerSession] = {}
-        self.throughput = 0.0
-        self.inference_rps = 0.0
-        self.forward_rps = 0.0
+        self.adapters = AdapterCache(hosted)
         self._announce_now = trio.Event()
         self.rtt = RttTracker(node)
 
     # ----- announcements -------------------------------------------------------------------------
 
+    @property
+    def throughput(self) -> float:
+        return server_throughput(self.measurement, self.blocks[1] - self.blocks[0])
+
     def info(self) -> ServerInfo:
+        m = self.measurement
         return ServerInfo(
-            peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.span.start, end=self.span.end,
-            state=self.state, throughput=self.throughput, inference_rps=self.inference_rps,
-            forward_rps=self.forward_rps, cache_tokens_free=self.budget.free,
-            dtype=str(self.span.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
+            peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.blocks[0], end=self.blocks[1],
+            state=self.state, throughput=self.throughput, inference_rps=m.inference_rps,
+            forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.budget.free,
+            dtype=str(self.config.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
-            next_pings=dict(self.rtt.rtt),
+            next_pings=dict(self.rtt.rtt), adapters=sorted(self.adapters.hosted),
             ttl=max(3.0 * self.config.announce_period, 2.0))
 
     async def set_state(self, state: ServerState) -> None:
@@ -170,43 +226,115 @@ class Server:
         """RTT to the servers a chain may continue to from here (those holding our `end` block), announced
         so clients can cost server-to-server links they cannot measure themselves."""
         while True:
+            end = self.blocks[1]
             nxt = [i.peer_id for i in self.swarm.table.servers(self.source.model_id)
-                   if i.start <= self.span.end < i.end and i.peer_id != self.node.peer_id][:MAX_NEIGHBOURS]
+                   if i.start <= end < i.end and i.peer_id != self.node.peer_id][:MAX_NEIGHBOURS]
             await self.rtt.measure(nxt)
             for gone in set(self.rtt.rtt) - set(nxt):
                 del self.rtt.rtt[gone]
             await trio.sleep(self.config.announce_period)
 
-    async def measure(self) -> None:
-        """Per-block throughput from a timed pass, so clients and balancing can compare servers."""
-        h = self.span.hidden_size
-        span = self.span
+    async def load(self, start: int, end: int) -> None:
+        """Load blocks [start, end) (reusing layers the current span already holds) and warm them up."""
+        old = self.span
+        hook = quantizer(self.config.quant, self.config.dtype)
+        src = self.source
 
-        def run() -> tuple[float, float]:
+        def run() -> Span:
+            layers: list = []
+            b = start
+            while b < end:
+                if old is not None and old.start <= b < old.end:
+                    stop = min(end, old.end)
+                    layers += list(old.layers[b - old.start:stop - old.start])
+                else:
+                    stop = min(end, old.start) if old is not None and old.start > b else end
+                    layers += list(load_span(src.path, src.config, b, stop, self.config.dtype, hook).layers)
+                b = stop
+            span = Span(src.config, start, end, layers, self.config.dtype)
             with torch.no_grad():
                 # Warm up at the size of a replay chunk: a first large pass pays allocator and page-fault
                 # costs, which would otherwise land on the first client that fails over to us.
-                span(torch.randn(1, WARMUP_TOKENS, h), torch.arange(WARMUP_TOKENS)[None])
-                x = torch.randn(1, 16, h)
-                pos = torch.arange(16)[None]
-                span(x, pos)
-                t0 = time.perf_counter()
-                span(x, pos)
-                fwd = time.perf_counter() - t0
-                cache = span.new_cache(1, 8)
-                span(x[:, :1], pos[:, :1], cache)
-                t0 = time.perf_counter()
-                span(x[:, :1], pos[:, 1:2], cache)
-                step = time.perf_counter() - t0
-            return fwd, step
+                n = WARMUP_TOKENS
+                span(torch.randn(1, n, span.hidden_size, dtype=span.dtype), torch.arange(n)[None])
+            return span
 
-        fwd, step = await trio.to_thread.run_sync(run, limiter=self.lane)
-        n = span.num_blocks
-        self.forward_rps = 16 / fwd
-        self.inference_rps = 1 / step
-        self.throughput = n / step  # tokens/s each block of ours sustains in decoding
-        log.info("measured: %.1f decode steps/s over %d blocks, %.0f tokens/s in forward passes",
-                 self.inference_rps, n, self.forward_rps)
+        t0 = time.perf_counter()
+        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, src.name, self.config.dtype,
+                 self.config.quant)
+        self.span = await trio.to_thread.run_sync(run)
+        log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - t0)
+
+    # ----- rebalancing ---------------------------------------------------------------------------
+
+    def plan(self, rng: random.Random) -> MovePlan:
+        """Where balancing would put us now (servers ONLINE or JOINING count, at their announced spans)."""
+        infos = self.swarm.table.servers(self.source.model_id, states=(ServerState.ONLINE, ServerState.JOINING))
+        me = Placed(self.node.peer_id, self.blocks[0], self.blocks[1], self.throughput)
+        others = placed([i for i in infos if i.peer_id != self.node.peer_id])
+        return plan_move(me, others, self.source.num_blocks, min_gain=self.config.min_gain, rng=rng)
+
+    def _peers(self) -> set[str]:
+        states = (ServerState.ONLINE, ServerState.JOINING)
+        return {i.peer_id for i in self.swarm.table.servers(self.source.model_id, states=states)}
+
+    async def rebalance_forever(self, rng: random.Random) -> None:
+        """Check every U(0, 2 × period) s, and within U(0, REACT_WINDOW) s of a server leaving (its blocks
+        may be uncovered now, so waiting for the next periodic check would leave the hole open longer)."""
+        period = self.config.balance_period
+        deadline = trio.current_time() + rng.uniform(0, 2 * period)
+        known = self._peers()
+        while True:
+            changed = self.swarm.table.changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            peers = self._peers()
+            if known - peers and reacts(rng, len(peers)):
+                deadline = min(deadline, trio.current_time() + rng.uniform(0, min(REACT_WINDOW, 2 * period)))
+            known = peers
+            if trio.current_time() >= deadline:
+                deadline = trio.current_time() + rng.uniform(0, 2 * period)
+                await self._check(rng)
+
+    async def _check(self, rng: random.Random) -> None:
+        """Move if balancing says so, and still says so a moment later (by then a server that decided at
+        the same time has announced its move, and we see it)."""
+        if self.state != ServerState.ONLINE:
+            return
+        plan = self.plan(rng)
+        log.debug("rebalancing check: %s", plan.reason)
+        if not plan.move:
+            return
+        await trio.sleep(rng.uniform(0.5, 1.5) * min(1.0, self.config.announce_period))
+        again = self.plan(rng)
+        if again.move and again.start == plan.start and self.state == ServerState.ONLINE:
+            log.info("rebalancing: %s", again.reason)
+            await self.move(again.start)
+
+    async def move(self, start: int) -> None:
+        """Serve [start, start + n) instead. Announced at once as JOINING there, so clients open no new
+        sessions here and other servers plan with our new place; open sessions go on with the old weights.
+        The new blocks load beside the old ones when memory allows, else open sessions drain first."""
+        old = self.blocks
+        end = start + old[1] - old[0]
+        self.blocks = (start, end)
+        await self.set_state(ServerState.JOINING)
+        fresh = sum(1 for b in range(start, end) if not old[0] <= b < old[1])
+        need = fresh * block_bytes(self.source.config, self.config.quant, self.config.dtype)
+        if need > 0.8 * available_memory():
+            log.info("not enough free memory to load %d new blocks beside the old ones: draining first", fresh)
+            await self._wait_sessions(self.config.drain_timeout)
+            self.span = self.span.sub(max(start, old[0]), min(end, old[1])) if fresh < end - start else None
+        await self.load(start, end)
+        self.moves += 1
+        await self.set_state(ServerState.ONLINE)
+
+    async def _wait_sessions(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while self.sessions:
+                await trio.sleep(0.1)
+        for session in list(self.sessions.values()):
+            session.cancel()
 
     # ----- handlers ------------------------------------------------------------------------------
 
@@ -217,9 +345,10 @@ class Server:
         self.node.set_handler("backward", self.handle_backward)
         self.node.set_handler("info", self.handle_info)
         self.node.set_handler("ping", self.handle_ping)
+        self.node.set_handler("probe", self.handle_probe)
 
     def _max_numel(self) -> int:
-        return self.config.max_length * MAX_BATCH * self.span.hidden_size
+        return self.config.max_length * MAX_BATCH * self.source.config.hidden_size
 
     async def _compute(self, fn, *args):
         return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.lane)
@@ -233,12 +362,20 @@ class Server:
             ping = Ping.from_wire(frame)
             await wire.write_frame(stream, Pong(ping.nonce).to_wire())
 
+    async def handle_probe(self, stream) -> None:
+        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30))
+        if not 0 <= probe.reply_bytes <= MAX_PROBE_BYTES:
+            raise BadRequest(f"probe reply of {probe.reply_bytes} bytes; at most {MAX_PROBE_BYTES}")
+        await wire.write_frame(stream, ProbeReply(bytes(probe.reply_bytes)).to_wire(), timeout=30)
+
     async def handle_info(self, stream) -> None:
         InfoRequest.from_wire(await wire.read_frame(stream, timeout=10))
         counters = vars(self.counters) | {"cache_tokens_used": self.budget.used}
         await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters).to_wire())
 
     def _sub_span(self, start: int, end: int) -> Span:
+        if self.span is None:
+            raise wire.Unavailable("server is loading its blocks", hint="use another server")
         return self.span.sub(start, end)
 
     async def handle_forward(self, stream) -> None:
@@ -246,8 +383,9 @@ class Server:
         self._check_serving()
         span = self._sub_span(req.start, req.end)
         check_compression(req.compression)
+        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
         out = await self._compute(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
-                                               req.prompts).to(req.hidden.dtype))
+                                               req.prompts, lora).to(req.hidden.dtype))
         self.counters.forwards += 1
         await wire.write_frame(stream, ForwardReply(out).to_wire(req.compression))
 
@@ -258,11 +396,13 @@ class Server:
         check_compression(req.compression)
         if req.grad_output.shape != req.hidden.shape:
             raise BadRequest(f"grad_output {list(req.grad_output.shape)} must match hidden {list(req.hidden.shape)}")
-        grad, grad_prompts = await self._compute(span.backward, req.hidden, req.grad_output, req.position_ids,
-                                                 req.attention_mask, req.prompts)
+        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
+        grads = await self._compute(span.backward, req.hidden, req.grad_output, req.position_ids,
+                                    req.attention_mask, req.prompts, lora)
         self.counters.backwards += 1
-        reply = BackwardReply(grad.to(req.hidden.dtype),
-                              grad_prompts.to(req.hidden.dtype) if grad_prompts is not None else None)
+        reply = BackwardReply(grads.hidden.to(req.hidden.dtype),
+                              grads.prompts.to(req.hidden.dtype) if grads.prompts is not None else None,
+                              [encode_tensor(g) for g in grads.lora] if grads.lora is not None else None)
         await wire.write_frame(stream, reply.to_wire(req.compression))
 
     def _check_serving(self) -> None:
@@ -278,6 +418,7 @@ class Server:
         if not 1 <= opened.max_length <= self.config.max_length:
             raise BadRequest(f"max_length {opened.max_length} is outside 1..{self.config.max_length}")
         span = self._sub_span(opened.start, opened.end)
+        lora = self.adapters.resolve(opened.lora, opened.start, opened.end, self._max_numel())
         tokens = opened.max_length * opened.batch_size
         try:
             self.budget.reserve(tokens)
@@ -290,7 +431,8 @@ class Server:
         peer = short_id(stream.muxed_conn.peer_id.to_base58())
         log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", opened.session_id[:8], peer,
                  span.start, span.end, opened.batch_size, opened.max_length)
-        session = ServerSession(self.node, opened, span, stream, self._step, self.counters,
+        step = functools.partial(self._step, lora=lora)
+        session = ServerSession(self.node, opened, span, stream, step, self.counters,
                                 self.config.idle_timeout, self._max_numel())
         try:
             self.sessions[opened.session_id] = session
@@ -318,7 +460,7 @@ class Server:
                 continue
             await session.deliver_push(step)
 
-    async def _step(self, span: Span, cache, step: Step) -> torch.Tensor:
+    async def _step(self, span: Span, cache, step: Step, lora: LoraWeights | None = None) -> torch.Tensor:
         if step.position > cache.length:
             raise BadRequest(f"step expects {step.position} cached tokens but the cache holds {cache.length}",
                              hint="replay the missing tokens")
@@ -330,7 +472,7 @@ class Server:
             if cache.length > step.position:
                 cache.rollback(step.position)
             with torch.no_grad():
-                out = span(step.hidden, step.position_ids, cache, step.attention_mask, step.prompts)
+                out = span(step.hidden, step.position_ids, cache, step.attention_mask, step.prompts, lora)
             self.counters.compute_seconds += time.perf_counter() - t0
             return out.to(step.hidden.dtype)
 
@@ -344,40 +486,42 @@ class Server:
     async def drain(self) -> None:
         """Stop taking sessions, let open ones finish briefly, then say goodbye."""
         await self.set_state(ServerState.DRAINING)
-        with trio.move_on_after(self.config.drain_timeout):
-            while self.sessions:
-                await trio.sleep(0.1)
-        for session in list(self.sessions.values()):
-            session.cancel()
+        await self._wait_sessions(self.config.drain_timeout)
         await self.set_state(ServerState.OFFLINE)
         await self.swarm.flush()
 
 
 async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Load, join and serve until `stop` is set; then drain and announce OFFLINE before leaving."""
+    """Measure, choose blocks, load, join and serve until `stop` is set; then drain and say OFFLINE."""
     source = await trio.to_thread.run_sync(lambda: resolve_model(config.model, config.cache_dir))
     fixed = parse_blocks(config.blocks, source.num_blocks)
+    rng = random.Random()
     async with open_node(config.node) as node, open_swarm(node, follow=[source.model_id]) as swarm:
+        measurement = await measure_throughput(config, source, node)
         if fixed is None:
+            length = blocks_that_fit(source, config)
+            await trio.sleep(rng.uniform(0, 2 * config.join_delay))
             await swarm.discover(source.model_id, timeout=5)
-            fixed = choose_blocks(source, swarm.table.servers(source.model_id),
-                                  blocks_that_fit(source, config.quant, config.dtype, config.memory_gb))
-        start, end = fixed
-        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, source.name, config.dtype,
-                 config.quant)
-        t0 = time.perf_counter()
-        hook = quantizer(config.quant, config.dtype)
-        span = await trio.to_thread.run_sync(
-            lambda: load_span(source.path, source.config, start, end, config.dtype, hook))
-        log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - t0)
-        server = Server(config, source, span, node, swarm)
+            others = swarm.table.servers(source.model_id, states=(ServerState.ONLINE, ServerState.JOINING))
+            blocks = choose_span(placed(others), length, source.num_blocks)
+            log.info("--blocks auto: %d blocks fit; %d:%d is where the swarm is weakest (%d servers known)",
+                     length, *blocks, len(others))
+        else:
+            blocks = fixed
+        hosted = {}
+        for folder in config.adapters:
+            hosted[Path(folder).name] = await trio.to_thread.run_sync(load_peft, Path(folder), source.config)
+            log.info("hosting adapter %s", Path(folder).name)
+        server = Server(config, source, node, swarm, measurement, blocks, movable=fixed is None, hosted=hosted)
         server.register()
-        await server.set_state(ServerState.JOINING)
-        await server.measure()
-        await server.set_state(ServerState.ONLINE)
+        await server.set_state(ServerState.JOINING)  # before loading: joiners from now on see our place
         node.nursery.start_soon(server.announce_forever)
+        await server.load(*blocks)
+        await server.set_state(ServerState.ONLINE)
         node.nursery.start_soon(server.ping_neighbours)
+        if server.movable and config.balance_period > 0:
+            node.nursery.start_soon(server.rebalance_forever, rng)
         task_status.started(server)
         await (stop.wait() if stop is not None else trio.sleep_forever())
         log.info("stopping: draining")

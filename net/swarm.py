@@ -48,9 +48,9 @@ class ServerInfo:
     end: int
     state: ServerState = ServerState.JOINING
     addrs: list[str] = field(default_factory=list)
-    throughput: float = 0.0  # tokens/s per block this server sustains (min of compute and network)
-    inference_rps: float = 0.0  # single-token decode steps/s over the whole span
-    forward_rps: float = 0.0  # tokens/s of batched forward passes
+    throughput: float = 0.0  # per-block tokens/s for balancing (balancing/throughput.py)
+    inference_rps: float = 0.0  # single-token decode steps/s of one block (routing: k blocks take k / this)
+    forward_rps: float = 0.0  # tokens/s of one block on long sequences
     network_rps: float = 0.0  # hidden states/s its link carries
     cache_tokens_free: int = 0
     dtype: str = "float32"

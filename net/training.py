@@ -1,23 +1,29 @@
 """Training passes through the swarm: forward and backward over a chain of servers, with retries.
 
-`SwarmBlocks.forward` runs blocks [0, n) hop by hop and remembers each hop's input; `backward` walks the
-hops in reverse with those inputs. A hop that fails is banned and its blocks are rerouted over other
-servers: a failed forward resumes from the hop's kept input; a failed backward first recomputes the new
-hops' inputs from it (a forward through the replacement), then runs their backward. Servers keep no
-state between the two passes, so nothing else needs replaying.
+`SwarmBlocks.forward` runs blocks [start, end) hop by hop and remembers each hop's input; `backward`
+walks the hops in reverse with those inputs. Deep prompts (one slice per block) and LoRA adapters travel
+with each hop's request; their gradients come back with the hop's input gradient and are gathered per
+block. A hop that fails is banned and its blocks are rerouted over other servers: a failed forward
+resumes from the hop's kept input; a failed backward first recomputes the new hops' inputs from it (a
+forward through the replacement), then runs their backward. Servers keep no state between the two
+passes, so nothing else needs replaying.
+
+Routing: with `spread=True` (training), each hop is drawn among the servers holding its first block in
+proportion to their throughput, so many trainers spread over the swarm; otherwise the fastest chain.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 import torch
 import trio
 
-from mesh.balancing.routing import Hop, NoRoute, min_latency_chain
-
+from mesh.balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
 from mesh.net import wire
+from mesh.net.adapters import ClientLora
 from mesh.net.client import remote_backward, remote_forward
 from mesh.net.inference import BanList, RouteUnavailable, candidates
 from mesh.net.latency import RttTracker
@@ -38,20 +44,51 @@ class Pass:
     inputs: list[torch.Tensor]
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None
+    prompts: torch.Tensor | None = None  # [num_blocks, 1 or B, P, H], indexed by global block
+    lora: ClientLora | None = None
+
+
+@dataclass
+class Grads:
+    """Gradients of a backward pass: the input's, and per block those of deep prompts and LoRA tensors."""
+
+    hidden: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None  # like Pass.prompts
+    lora: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # block -> its LoRA tensors' grads
+
+    def add_hop(self, hop: Hop, prompts: torch.Tensor | None, lora: list[torch.Tensor] | None, per_block: int,
+                shape: tuple | None) -> None:
+        if prompts is not None:
+            if self.prompts is None:
+                self.prompts = torch.zeros(shape, dtype=prompts.dtype)
+            self.prompts[hop.start:hop.end] += prompts
+        if lora is not None:
+            for k, b in enumerate(range(hop.start, hop.end)):
+                part = lora[k * per_block:(k + 1) * per_block]
+                if b in self.lora:
+                    self.lora[b] = [x + y for x, y in zip(self.lora[b], part)]
+                else:
+                    self.lora[b] = list(part)
 
 
 class SwarmBlocks:
     def __init__(self, node: Node, table: SwarmTable, rtt: RttTracker, bans: BanList, model_id: str,
-                 num_blocks: int, compression: str = "none", timeout: float = 120.0) -> None:
+                 num_blocks: int, compression: str = "none", timeout: float = 120.0, spread: bool = False,
+                 rng: random.Random | None = None) -> None:
         self.node, self.table, self.rtt, self.bans = node, table, rtt, bans
         self.model_id, self.num_blocks = model_id, num_blocks
         self.compression, self.timeout = compression, timeout
+        self.spread = spread
+        self.rng = rng or random.Random()
         self.retries = 0
 
     async def _route(self, start: int, end: int) -> list[Hop]:
         servers = self.table.servers(self.model_id)
-        await self.rtt.measure([s.peer_id for s in servers], only_missing=True)
         try:
+            if self.spread:
+                return spread_chain(candidates(servers, throughput=True), start, end, self.rng,
+                                    banned=self.bans.banned())
+            await self.rtt.measure([s.peer_id for s in servers], only_missing=True)
             return min_latency_chain(candidates(servers), start, end, self.rtt.rtt, banned=self.bans.banned())
         except NoRoute as e:
             raise RouteUnavailable(f"no server holds block {e.block} of {self.model_id}") from e
@@ -63,7 +100,9 @@ class SwarmBlocks:
         return info
 
     async def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, Pass]:
+                      attention_mask: torch.Tensor | None = None, start: int = 0, end: int | None = None, *,
+                      prompts: torch.Tensor | None = None, lora: ClientLora | None = None
+                      ) -> tuple[torch.Tensor, Pass]:
         end = self.num_blocks if end is None else end
         hops, inputs = [], []
         pos, x = start, hidden
@@ -73,34 +112,48 @@ class SwarmBlocks:
             try:
                 for hop in route:
                     y = await remote_forward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, position_ids,
-                                             attention_mask, compression=self.compression, timeout=self.timeout)
+                                             attention_mask, prompts=_slice(prompts, hop), lora=lora,
+                                             compression=self.compression, timeout=self.timeout)
                     hops.append(hop)
                     inputs.append(x)
                     x, pos = y, hop.end
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
-        return x, Pass(hops, inputs, position_ids, attention_mask)
+        return x, Pass(hops, inputs, position_ids, attention_mask, prompts, lora)
 
-    async def backward(self, grad_output: torch.Tensor, done: Pass) -> torch.Tensor:
+    async def backward(self, grad_output: torch.Tensor, done: Pass, into: Grads | None = None) -> Grads:
+        grads = into if into is not None else Grads()
         grad = grad_output
         for hop, x in zip(reversed(done.hops), reversed(done.inputs)):
-            grad = await self._backward_hop(hop, x, grad, done)
-        return grad
+            grad = await self._backward_hop(hop, x, grad, done, grads)
+        grads.hidden = grad
+        return grads
 
-    async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, done: Pass) -> torch.Tensor:
+    async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, done: Pass,
+                            grads: Grads) -> torch.Tensor:
         failures = 0
+        per_block = 2 * len(done.lora.weights.spec.targets) if done.lora and done.lora.weights else 0
+        shape = tuple(done.prompts.shape) if done.prompts is not None else None
         while True:
             try:
-                g, _ = await remote_backward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, grad,
-                                             done.position_ids, done.attention_mask,
-                                             compression=self.compression, timeout=self.timeout)
-                return g
+                g = await remote_backward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, grad,
+                                          done.position_ids, done.attention_mask, prompts=_slice(done.prompts, hop),
+                                          lora=done.lora, compression=self.compression, timeout=self.timeout)
+                grads.add_hop(hop, g.prompts, g.lora, per_block, shape)
+                return g.hidden
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
             # Reroute this hop's blocks: recompute the replacement's inputs from the kept input, then go back.
             try:
-                _, sub = await self.forward(x, done.position_ids, done.attention_mask, hop.start, hop.end)
-                return await self.backward(grad, sub)
+                _, sub = await self.forward(x, done.position_ids, done.attention_mask, hop.start, hop.end,
+                                            prompts=done.prompts, lora=done.lora)
+                inner = Grads()
+                await self.backward(grad, sub, inner)
+                grads.prompts = inner.prompts if grads.prompts is None else (
+                    grads.prompts + inner.prompts if inner.prompts is not None else grads.prompts)
+                for b, part in inner.lora.items():
+                    grads.lora[b] = [x + y for x, y in zip(grads.lora[b], part)] if b in grads.lora else part
+                return inner.hidden
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
 
@@ -114,3 +167,5 @@ class SwarmBlocks:
         return failures
 
 
+def _slice(prompts: torch.Tensor | None, hop: Hop) -> torch.Tensor | None:
+    return prompts[hop.start:hop.end] if prompts is not None else None

@@ -80,6 +80,12 @@ class Unavailable(MeshError):
     code = "unavailable"
 
 
+class AdapterUnknown(MeshError):
+    """The request named an adapter by key without its weights, and the server does not hold it."""
+
+    code = "adapter_unknown"
+
+
 class RemoteError(MeshError):
     """An error the remote reported with a code we do not know."""
 
@@ -96,6 +102,7 @@ ERRORS: dict[str, type[MeshError]] = {
     "unknown_version": UnknownVersion,
     "busy": Busy,
     "unavailable": Unavailable,
+    "adapter_unknown": AdapterUnknown,
     "not_found": ModelNotFound,
     "load_error": ModelLoadError,
     "unsupported": UnsupportedArchitecture,

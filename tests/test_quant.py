@@ -56,15 +56,21 @@ def test_smollm2_span_error_and_memory_per_mode(smollm2):
     assert sizes["nf4"] <= 0.14 * sizes["float32"]
 
 
-def test_blocks_that_fit_counts_quantized_size(smollm2):
-    from mesh.net.server import blocks_that_fit
+def test_blocks_that_fit_counts_quantized_size_and_cache(smollm2):
+    from mesh.net.server import ServerConfig, blocks_that_fit
 
     linear, other = block_params(smollm2.config)
     assert linear > 10 * other > 0
-    fp32 = blocks_that_fit(smollm2, "none", torch.float32, 0.05)
-    nf4 = blocks_that_fit(smollm2, "nf4", torch.float32, 0.05)
+
+    def fit(quant: str, gb: float, cache_tokens: int = 1) -> int:
+        return blocks_that_fit(smollm2, ServerConfig("smollm2", quant=quant, max_memory_gb=gb,
+                                                     cache_tokens=cache_tokens, max_length=1))
+
+    fp32, nf4 = fit("none", 0.05), fit("nf4", 0.05)
     assert 2 <= fp32 < nf4 and nf4 >= 5 * fp32
-    assert blocks_that_fit(smollm2, "none", torch.float32, None) is None
+    # The attention cache counts: 32768 tokens of K and V take 50 MB per SmolLM2 block in float32.
+    assert fit("none", 0.5, cache_tokens=32768) < fit("none", 0.5) // 3
+    assert fit("none", 100.0) == smollm2.num_blocks and fit("none", 0.001) == 1
 
 
 def test_unknown_mode_is_a_clear_error():

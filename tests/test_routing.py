@@ -80,3 +80,18 @@ def test_matches_exhaustive_search(seed):
     assert all(x.end == y.start and x.peer_id != y.peer_id for x, y in itertools.pairwise(chain))
     expected, _ = brute_force(servers, 0, n, client, 0.05)
     assert chain_time(chain, by_id, client) == pytest.approx(expected, rel=1e-9)
+
+
+def test_spread_chain_draws_servers_by_throughput():
+    import random
+
+    from mesh.balancing.routing import spread_chain
+
+    servers = [Candidate("fast", 0, 4, 30.0), Candidate("slow", 0, 4, 10.0), Candidate("tail", 4, 6, 1.0)]
+    rng = random.Random(0)
+    firsts = [spread_chain(servers, 0, 6, rng)[0].peer_id for _ in range(2000)]
+    assert 0.7 < firsts.count("fast") / 2000 < 0.8  # 30 / (30 + 10)
+    chain = spread_chain(servers, 1, 6, rng, banned=frozenset({"fast"}))
+    assert [(h.peer_id, h.start, h.end) for h in chain] == [("slow", 1, 4), ("tail", 4, 6)]
+    with pytest.raises(NoRoute):
+        spread_chain(servers, 0, 6, rng, banned=frozenset({"tail"}))

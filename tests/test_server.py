@@ -47,7 +47,7 @@ async def test_forward_backward_and_session_equal_local_span(tiny_dirs):
         x, pos = inputs()
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos), local(x, pos))
         grad_out = torch.randn_like(x)
-        grad, _ = await remote_backward(client, info, 1, 5, x, grad_out, pos)
+        grad = (await remote_backward(client, info, 1, 5, x, grad_out, pos)).hidden
         assert torch.equal(grad, local.backward(x, grad_out, pos)[0])
         sub = local.sub(2, 5)
         cache = sub.new_cache(2, 32)
@@ -127,3 +127,52 @@ async def test_bad_requests_get_errors_and_the_server_goes_on(tiny_dirs):
         local = load_span(tiny_dirs["llama"], server.source.config, 1, 5)
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos), local(x, pos))
         assert server.counters.errors >= 2
+
+
+async def test_link_probe_and_a_second_server_uses_it(tiny_dirs):
+    from mesh.net.client import probe_link
+
+    folder = tiny_dirs["llama"]
+    async with server_and_client(folder) as (server, client, info):
+        assert not server.measurement.network_measured  # the first server had nobody to probe
+        assert await probe_link(client, info.peer_id, nbytes=1 << 18) > 1e6  # loopback: far above 1 Mbit/s
+        with pytest.raises(BadRequest, match="at most"):
+            from mesh.net.messages import Probe, ProbeReply
+            await client.request(info.peer_id, "probe", Probe(b"", 1 << 30), reply=ProbeReply)
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            config = ServerConfig(str(folder), "0:2", NodeConfig(listen=LOOPBACK, initial_peers=[server.node.addrs[0]]),
+                                  announce_period=1)
+            second = await n.start(lambda task_status: run_server(config, stop=stop, task_status=task_status))
+            assert second.measurement.network_measured
+            assert second.info().network_rps > 1e6 / (64 * 16)
+            stop.set()
+
+
+async def test_hosted_and_sent_lora_adapters_equal_local(tiny_dirs, tmp_path):
+    from mesh.model.lora import LoraSpec, init_lora, save_peft
+    from mesh.net.adapters import ClientLora
+    from mesh.net.wire import AdapterUnknown
+
+    from transformers import AutoConfig
+
+    folder = tiny_dirs["llama"]
+    config = AutoConfig.from_pretrained(folder)
+    lora = init_lora(config, LoraSpec(rank=2, alpha=4.0), 0, 6, torch.Generator().manual_seed(0), zero_b=False)
+    save_peft(tmp_path / "style", lora, config)
+    async with server_and_client(folder, adapters=[tmp_path / "style"]) as (server, client, info):
+        assert info.adapters == ["style"]
+        local = load_span(folder, server.source.config, 1, 5)
+        x, pos = inputs()
+        want = local(x, pos, lora=lora.sub(1, 5))
+        assert not torch.equal(want, local(x, pos))
+        hosted = await remote_forward(client, info, 1, 5, x, pos, lora=ClientLora("style"))
+        assert torch.equal(hosted, want)
+        sent = ClientLora("run:1", lora)
+        assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
+        assert sent.sent == {(info.peer_id, 1, 5)}  # the next call names it only
+        assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
+        server.adapters._recent.clear()  # forgotten: the client resends on adapter_unknown
+        assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
+        with pytest.raises(AdapterUnknown):
+            await remote_forward(client, info, 1, 5, x, pos, lora=ClientLora("nobody"))

@@ -1,0 +1,265 @@
+"""Trainable adapters held by the client, and the differentiable pass through frozen blocks.
+
+Methods (every trainable parameter lives here, in the client):
+- `prompt`: P virtual tokens prepended to the input embeddings;
+- `deep-prompt`: those, plus P trainable vectors per block added to the first P positions before it;
+- `lora`: low-rank adapters on chosen projections of every block (`model/lora.py`).
+
+`BlockRunner`s run blocks [0, n) with autograd: `LocalRunner` on a full local model (the reference),
+`SwarmRunner` through the swarm (micro-batches in parallel, retries and rerouting in `net/training.py`).
+Both take the same inputs, so a training step is the same code either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import trio
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig
+
+from mesh.model.errors import BadRequest
+from mesh.model.head import ClientHead
+from mesh.model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
+from mesh.model.span import Span
+
+METHODS = ("prompt", "deep-prompt", "lora")
+ADAPTER_FILE = "mesh_adapter.json"
+PROMPTS_FILE = "prompts.safetensors"
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    method: str = "lora"
+    num_prompts: int = 16
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BadRequest(f"unknown method {self.method!r}", hint=f"one of {', '.join(METHODS)}")
+        if self.method != "lora" and self.num_prompts < 1:
+            raise BadRequest("--num-prompts must be at least 1")
+
+
+class Adapter(nn.Module):
+    """The trainable parameters of one method, for a model of `num_blocks` blocks."""
+
+    def __init__(self, config: PretrainedConfig, tuning: TuningConfig, init_embeddings: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.tuning = tuning
+        self.model_config = config
+        self.num_blocks = config.num_hidden_layers
+        h, p = config.hidden_size, tuning.num_prompts
+        self.prompt = self.deep = None
+        if tuning.method in ("prompt", "deep-prompt"):
+            # Start from the embeddings of random vocabulary tokens: the blocks know what those look like.
+            start = (init_embeddings.detach().clone() if init_embeddings is not None
+                     else 0.02 * torch.randn(p, h, generator=generator))
+            self.prompt = nn.Parameter(start.to(torch.float32))
+        if tuning.method == "deep-prompt":
+            self.deep = nn.Parameter(torch.zeros(self.num_blocks, p, h))
+        self.lora = None
+        if tuning.method == "lora":
+            w = init_lora(config, tuning.lora, 0, self.num_blocks, generator)
+            self.lora = nn.ParameterList([nn.Parameter(t) for t in w.tensors()])
+
+    @property
+    def num_prompts(self) -> int:
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
+    def lora_weights(self) -> LoraWeights | None:
+        if self.lora is None:
+            return None
+        return LoraWeights.from_tensors(self.tuning.lora, 0, self.num_blocks, list(self.lora))
+
+    def deep_prompts(self) -> torch.Tensor | None:
+        """[num_blocks, 1, P, H], the layout spans take (one batch row, broadcast)."""
+        return None if self.deep is None else self.deep[:, None]
+
+    def save(self, folder: Path, model_name: str = "") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"method": self.tuning.method, "num_prompts": self.tuning.num_prompts, "model": model_name,
+                "num_blocks": self.num_blocks, "hidden_size": self.model_config.hidden_size}
+        if self.lora is not None:
+            save_peft(folder, self.lora_weights(), self.model_config, model_name)
+            meta["lora"] = self.tuning.lora.to_dict()
+        else:
+            tensors = {"prompt": self.prompt.detach().contiguous()}
+            if self.deep is not None:
+                tensors["deep"] = self.deep.detach().contiguous()
+            save_file(tensors, str(folder / PROMPTS_FILE))
+        (folder / ADAPTER_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path, config: PretrainedConfig) -> "Adapter":
+        try:
+            meta = json.loads((Path(folder) / ADAPTER_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise BadRequest(f"{folder} is not a mesh adapter ({ADAPTER_FILE}: {e})") from None
+        if meta.get("num_blocks") != config.num_hidden_layers or meta.get("hidden_size") != config.hidden_size:
+            raise BadRequest(f"adapter {folder} was trained for another model ({meta.get('model') or '?'})")
+        lora = LoraSpec.from_dict(meta["lora"]) if "lora" in meta else LoraSpec()
+        adapter = cls(config, TuningConfig(meta["method"], int(meta["num_prompts"]), lora))
+        with torch.no_grad():
+            if adapter.lora is not None:
+                for p, t in zip(adapter.lora, load_peft(Path(folder), config).tensors()):
+                    p.copy_(t)
+            else:
+                tensors = load_file(str(Path(folder) / PROMPTS_FILE))
+                adapter.prompt.copy_(tensors["prompt"])
+                if adapter.deep is not None:
+                    adapter.deep.copy_(tensors["deep"])
+        return adapter
+
+
+class BlockRunner(Protocol):
+    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 adapter: Adapter) -> torch.Tensor: ...
+
+
+def adapted_logits(head: ClientHead, run: BlockRunner, adapter: Adapter, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits for `input_ids` [B, T] (right-padded) with the adapter applied: [B, T, vocab]."""
+    hidden = head.embed(input_ids).to(torch.float32)
+    mask = attention_mask.to(torch.long)
+    p = adapter.num_prompts
+    if p:
+        batch = input_ids.shape[0]
+        hidden = torch.cat([adapter.prompt[None].expand(batch, -1, -1), hidden], dim=1)
+        mask = torch.cat([torch.ones(batch, p, dtype=torch.long), mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = run(hidden, position_ids, mask, adapter)
+    return head.logits(out[:, p:])
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labels != -100, and how many tokens counted."""
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    count = int((shift_labels != -100).sum())
+    loss = nn.functional.cross_entropy(shift_logits.to(torch.float32), shift_labels, ignore_index=-100,
+                                       reduction="sum")
+    return loss / max(count, 1), count
+
+
+class LocalRunner:
+    """Blocks of a full local model, with ordinary autograd (the reference for the swarm)."""
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def __call__(self, hidden, position_ids, attention_mask, adapter):
+        return self.span(hidden, position_ids, None, attention_mask, adapter.deep_prompts(), adapter.lora_weights())
+
+
+class SwarmRunner:
+    """Blocks through the swarm. Batches are cut into micro-batches of at most `micro_batch` rows, run
+    concurrently (each on its own chain); their gradients are summed, so the result equals one pass."""
+
+    def __init__(self, model, micro_batch: int = 4, spread: bool = True) -> None:
+        from mesh.net.latency import RttTracker
+        from mesh.net.training import SwarmBlocks
+
+        self.model = model
+        self.micro_batch = micro_batch
+        client = model.client
+        self.blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), model.bans,
+                                  model.source.model_id, model.num_blocks, compression="none", spread=spread)
+        self.run_id = secrets.token_hex(6)
+        self._lora = None
+
+    @property
+    def retries(self) -> int:
+        return self.blocks.retries
+
+    def _client_lora(self, adapter: Adapter):
+        from mesh.net.adapters import ClientLora
+
+        weights = adapter.lora_weights()
+        if weights is None:
+            return None
+        digest = hashlib.sha1()
+        for t in weights.tensors():
+            digest.update(t.detach().to(torch.float32).numpy().tobytes())
+        key = f"{self.run_id}:{digest.hexdigest()[:16]}"
+        if self._lora is None:
+            self._lora = ClientLora(key, weights)
+        elif self._lora.key != key:
+            self._lora.update(key, weights)
+        return self._lora
+
+    def __call__(self, hidden, position_ids, attention_mask, adapter):
+        deep = adapter.deep_prompts()
+        flat = list(adapter.lora) if adapter.lora is not None else []
+        return _SwarmBlocksFn.apply(self, adapter, position_ids, attention_mask, hidden,
+                                    deep if deep is not None else torch.empty(0), *flat)
+
+    def forward(self, hidden, position_ids, attention_mask, adapter):
+        lora = self._client_lora(adapter)
+        deep = adapter.deep_prompts()
+        deep = deep.detach() if deep is not None else None
+        cuts = list(range(0, hidden.shape[0], self.micro_batch))
+        results: list = [None] * len(cuts)
+
+        async def one(i: int, a: int) -> None:
+            b = a + self.micro_batch
+            results[i] = await self.blocks.forward(hidden[a:b].detach(), position_ids[a:b], attention_mask[a:b],
+                                                   prompts=deep, lora=lora)
+
+        async def run() -> None:
+            async with trio.open_nursery() as n:
+                for i, a in enumerate(cuts):
+                    n.start_soon(one, i, a)
+
+        self.model.client.call(run)
+        return torch.cat([r[0] for r in results]), [r[1] for r in results]
+
+    def backward(self, grad_output, passes, adapter):
+        cuts = list(range(0, grad_output.shape[0], self.micro_batch))
+        results: list = [None] * len(cuts)
+
+        async def one(i: int, a: int) -> None:
+            results[i] = await self.blocks.backward(grad_output[a:a + self.micro_batch].contiguous(), passes[i])
+
+        async def run() -> None:
+            async with trio.open_nursery() as n:
+                for i, a in enumerate(cuts):
+                    n.start_soon(one, i, a)
+
+        self.model.client.call(run)
+        grad_hidden = torch.cat([r.hidden for r in results])
+        grad_deep = None
+        if adapter.deep is not None:
+            grad_deep = sum(r.prompts for r in results)
+        grad_lora = []
+        if adapter.lora is not None:
+            per_block = 2 * len(adapter.tuning.lora.targets)
+            for b in range(adapter.num_blocks):
+                parts = [r.lora[b] for r in results]
+                grad_lora += [sum(ts) for ts in zip(*parts)]
+            assert len(grad_lora) == per_block * adapter.num_blocks
+        return grad_hidden, grad_deep, grad_lora
+
+
+class _SwarmBlocksFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, runner, adapter, position_ids, attention_mask, hidden, deep, *lora):
+        out, passes = runner.forward(hidden, position_ids, attention_mask, adapter)
+        ctx.runner, ctx.adapter, ctx.passes = runner, adapter, passes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_deep, grad_lora = ctx.runner.backward(grad_output, ctx.passes, ctx.adapter)
+        if grad_deep is not None:
+            grad_deep = grad_deep.reshape(ctx.adapter.deep_prompts().shape)
+        else:
+            grad_deep = None
+        return (None, None, None, None, grad_hidden, grad_deep, *grad_lora)

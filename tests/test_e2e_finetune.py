@@ -1,0 +1,112 @@
+"""`mesh finetune` with SmolLM2 through `mesh serve` processes: learning a format, chat with the adapter,
+a server killed mid-training, and a killed run resumed to the same parameters."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+import torch
+import trio
+from safetensors.torch import load_file
+
+from mesh.cli.localswarm import LocalSwarm
+
+from formatdata import PREFIX, write
+from procs import MeshProcess, run_mesh
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+QUESTION = "What is the capital of Italy?"
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2, tmp_path_factory):
+    """Two servers for each third of SmolLM2, so one may die."""
+    with LocalSwarm("smollm2", 30, servers=3, replicas=2, log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write(root / "train.jsonl", 0, 64), write(root / "eval.jsonl", 1, 12)
+
+
+def peers(swarm) -> list[str]:
+    return [arg for p in swarm.initial_peers for arg in ("--initial-peers", p)]
+
+
+async def chat_answer(swarm, *extra: str) -> str:
+    result = await run_mesh("chat", "smollm2", "-p", QUESTION, "-n", "12", *peers(swarm), *extra, timeout=180)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("method, steps", [("lora", 10), ("prompt", 24)])
+async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_path, method, steps):
+    train, evals = data
+    out = tmp_path / method
+    result = await run_mesh("finetune", str(train), "--method", method, "--eval", str(evals), "--out", str(out),
+                            "--max-steps", str(steps), "--epochs", "2", "--num-prompts", "8", *peers(swarm),
+                            timeout=600)
+    text = result.stdout.decode()
+    assert result.returncode == 0, text + result.stderr.decode()[-3000:]
+    first, last = map(float, re.search(r"eval loss ([\d.]+) → ([\d.]+)", text).groups())
+    print(f"{method}: eval loss {first:.3f} → {last:.3f} in {steps} steps")
+    assert last <= 0.7 * first
+    assert (await chat_answer(swarm, "--adapter", str(out))).startswith(PREFIX)
+    if method == "lora":  # the base model never answers in this format (asked once: it is the same model)
+        assert not (await chat_answer(swarm)).startswith(PREFIX)
+
+
+async def test_training_goes_on_when_a_server_dies(swarm, data, tmp_path):
+    train, _ = data
+    proc = MeshProcess(["finetune", str(train), "--method", "lora", "--out", str(tmp_path / "a"),
+                        "--max-steps", "8", "--checkpoint-every", "0", "-v", *peers(swarm)], tmp_path / "ft.log")
+    try:
+        with trio.fail_after(300):
+            while "step 2/8" not in proc.output():
+                assert proc.proc.poll() is None, proc.output()[-3000:]
+                await trio.sleep(0.2)
+        victim = swarm.kill(swarm.peer_id(1), signal.SIGKILL)  # a server of blocks 10:20
+        assert proc.proc.poll() is None
+        assert await proc.wait_exit(300) == 0, proc.output()[-3000:]
+        out = proc.output()
+        assert "step 8/8" in out and "mesh: trained 8 steps" in out, out[-3000:]
+        # A request in flight to the victim is rerouted (tests/test_e2e_training.py kills servers mid-pass
+        # deterministically); one planned after the disconnect never goes there.
+        print("rerouted" if "failed hops rerouted" in out else "no request was in flight to the dead server")
+    finally:
+        proc.cleanup()
+        swarm.respawn(victim)
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_path):
+    train, _ = data
+    common = ["--method", "lora", "--max-steps", "6", "--checkpoint-every", "2", "--seed", "3", "-v",
+              *peers(swarm)]
+    whole = await run_mesh("finetune", str(train), "--out", str(tmp_path / "whole"), *common, timeout=600)
+    assert whole.returncode == 0, whole.stderr.decode()[-3000:]
+
+    proc = MeshProcess(["finetune", str(train), "--out", str(tmp_path / "cut"), *common], tmp_path / "cut.log")
+    try:
+        with trio.fail_after(300):
+            while "checkpoint saved at step 4" not in proc.output():
+                assert proc.proc.poll() is None, proc.output()[-3000:]
+                await trio.sleep(0.1)
+        proc.signal(signal.SIGKILL)
+        await proc.wait_exit(10)
+    finally:
+        proc.cleanup()
+    resumed = await run_mesh("finetune", str(train), "--out", str(tmp_path / "cut"), "--resume", *common,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert "resuming at step 4" in resumed.stderr.decode()
+    a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
