@@ -5,7 +5,7 @@ forward, the backward and the optimizer update for a batch of 4 rows × 64 token
 step on the full model in this process. Prints the median of `--repeats` steps each, interleaved, and
 local / swarm (1.0 = as fast as local).
 
-    .venv/bin/python bench/finetune.py [--repeats 3] [--micro-batch 1]
+    .venv/bin/python bench/finetune.py [--repeats 3] [--micro-batch 4] [--server-threads 2]
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def step_seconds(head, runner, adapter, optimizer, ids) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=1, help="rows per swarm request (they pipeline)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="rows per swarm request (they pipeline)")
+    parser.add_argument("--server-threads", type=int, default=2,
+                        help="compute threads per server (one chain keeps one server busy at a time; 0: "
+                             "the cores split between servers)")
     args = parser.parse_args()
     source = resolve_model("smollm2")
     full = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()
@@ -49,9 +52,11 @@ def main() -> None:
     local_runner, head = LocalRunner(span_from_model(full, 0, 30)), head_from_model(full)
     ids = torch.randint(100, 20000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     print(f"SmolLM2-135M-Instruct, batch {BATCH} × {TOKENS} tokens, 3 servers of 10 blocks on this machine "
-          f"(1 thread each), micro-batch {args.micro_batch}; local: torch's {torch.get_num_threads()} threads")
+          f"({args.server_threads or 'split'} threads each), micro-batch {args.micro_batch}; local: torch's "
+          f"{torch.get_num_threads()} threads")
     print(f"{'method':<12}{'local s/step':>14}{'swarm s/step':>14}{'local / swarm':>15}")
-    with LocalSwarm("smollm2", 30, servers=3) as swarm, \
+    extra = ["--threads", str(args.server_threads)] if args.server_threads else []
+    with LocalSwarm("smollm2", 30, servers=3, extra=extra) as swarm, \
             DistributedModelForCausalLM.from_pretrained("smollm2", swarm.initial_peers) as model:
         for method in ("prompt", "deep-prompt", "lora"):
             tuning = TuningConfig(method, num_prompts=16, lora=LoraSpec())

@@ -171,7 +171,8 @@ class SwarmRunner:
         self.micro_batch = micro_batch
         client = model.client
         self.blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), model.bans,
-                                  model.source.model_id, model.num_blocks, compression="none", spread=spread)
+                                  model.source.model_id, model.num_blocks, compression="none", spread=spread,
+                                  keep_graphs=True)
         self.run_id = secrets.token_hex(6)
         self._lora = None
 
@@ -196,6 +197,7 @@ class SwarmRunner:
         return self._lora
 
     def __call__(self, hidden, position_ids, attention_mask, adapter):
+        self.blocks.keep_graphs = torch.is_grad_enabled()  # an eval pass has no backward to keep for
         deep = adapter.deep_prompts()
         flat = list(adapter.lora) if adapter.lora is not None else []
         return _SwarmBlocksFn.apply(self, adapter, position_ids, attention_mask, hidden,

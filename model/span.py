@@ -52,6 +52,24 @@ class SpanGrads(NamedTuple):
     lora: list[torch.Tensor] | None  # in LoraWeights.tensors() order
 
 
+@dataclass
+class Graph:
+    """A span's output with its autograd graph, and the leaves whose gradients a backward returns."""
+
+    output: torch.Tensor
+    hidden: torch.Tensor
+    prompts: torch.Tensor | None
+    lora: list[torch.Tensor] | None
+
+    def backward(self, grad_output: torch.Tensor) -> SpanGrads:
+        inputs = [self.hidden] + ([self.prompts] if self.prompts is not None else []) + (self.lora or [])
+        grads = torch.autograd.grad(self.output, inputs, grad_output.to(self.output.dtype), allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
+        k = 2 if self.prompts is not None else 1
+        return SpanGrads(grads[0], grads[1] if self.prompts is not None else None,
+                         grads[k:] if self.lora is not None else None)
+
+
 class Span(nn.Module):
     """Blocks [start, end) of a model with `forward` (with or without cache) and `backward`."""
 
@@ -134,6 +152,12 @@ class Span(nn.Module):
                  attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
                  lora: LoraWeights | None = None) -> "SpanGrads":
         """Gradients of <output, grad_output> w.r.t. the input hidden states, deep prompts and LoRA."""
+        return self.forward_with_graph(hidden, position_ids, attention_mask, prompts, lora).backward(grad_output)
+
+    def forward_with_graph(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                           lora: LoraWeights | None = None) -> "Graph":
+        """A forward pass that keeps what its backward needs, so the backward does not recompute it."""
         with torch.enable_grad():
             x = hidden.detach().to(self.dtype).requires_grad_(True)
             p = prompts.detach().to(self.dtype).requires_grad_(True) if prompts is not None else None
@@ -142,12 +166,7 @@ class Span(nn.Module):
                 flat = [t.detach().to(torch.float32).requires_grad_(True) for t in lora.tensors()]
                 adapters = LoraWeights.from_tensors(lora.spec, lora.start, lora.end, flat)
             out = self.forward(x, position_ids, None, attention_mask, p, adapters)
-            inputs = [x] + ([p] if p is not None else []) + (adapters.tensors() if adapters is not None else [])
-            grads = list(torch.autograd.grad(out, inputs, grad_output.to(out.dtype), allow_unused=True))
-        grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
-        grad_p = grads[1] if p is not None else None
-        grad_lora = grads[2 if p is not None else 1:] if adapters is not None else None
-        return SpanGrads(grads[0], grad_p, grad_lora)
+        return Graph(out, x, p, adapters.tensors() if adapters is not None else None)
 
     def _check(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, cache: SpanCache | None) -> None:

@@ -100,11 +100,12 @@ async def open_session(node: Node, server: ServerInfo, start: int, end: int, max
 async def remote_forward(node: Node, server: ServerInfo, start: int, end: int, hidden: torch.Tensor,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                          prompts: torch.Tensor | None = None, lora: ClientLora | None = None,
-                         compression: str = "none", timeout: float = STEP_TIMEOUT) -> torch.Tensor:
+                         compression: str = "none", keep: str = "", timeout: float = STEP_TIMEOUT) -> torch.Tensor:
+    """`keep`: the server keeps this pass's graph for a `remote_backward` with the same `keep`."""
     node.remember(server.peer_id, server.addrs)
 
     def request(ref: dict | None) -> ForwardRequest:
-        return ForwardRequest(start, end, hidden, position_ids, attention_mask, prompts, compression, ref)
+        return ForwardRequest(start, end, hidden, position_ids, attention_mask, prompts, compression, ref, keep)
 
     reply = await _call_with_lora(node, server.peer_id, "forward", request, lora, start, end, compression,
                                   timeout, ForwardReply)
@@ -114,14 +115,14 @@ async def remote_forward(node: Node, server: ServerInfo, start: int, end: int, h
 async def remote_backward(node: Node, server: ServerInfo, start: int, end: int, hidden: torch.Tensor,
                           grad_output: torch.Tensor, position_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *, prompts: torch.Tensor | None = None,
-                          lora: ClientLora | None = None, compression: str = "none",
+                          lora: ClientLora | None = None, compression: str = "none", keep: str = "",
                           timeout: float = STEP_TIMEOUT) -> SpanGrads:
     """Gradients w.r.t. the hop's input, its deep prompts and its LoRA tensors (those sent)."""
     node.remember(server.peer_id, server.addrs)
 
     def request(ref: dict | None) -> BackwardRequest:
         return BackwardRequest(start, end, hidden, grad_output, position_ids, attention_mask, prompts,
-                               compression, ref)
+                               compression, ref, keep)
 
     reply = await _call_with_lora(node, server.peer_id, "backward", request, lora, start, end, compression,
                                   timeout, BackwardReply)

@@ -208,6 +208,7 @@ class ForwardRequest(Message):
     prompts: torch.Tensor | None = None
     compression: str = "none"
     lora: dict | None = None  # LoraRef.to_wire(): adapters for blocks [start, end), by key, weights optional
+    keep: str = ""  # non-empty: keep the autograd graph for a BackwardRequest with the same `keep`
 
 
 @dataclass
@@ -228,6 +229,7 @@ class BackwardRequest(Message):
     prompts: torch.Tensor | None = None
     compression: str = "none"
     lora: dict | None = None
+    keep: str = ""  # the ForwardRequest's `keep`: reuse its graph instead of recomputing the forward
 
 
 @dataclass

@@ -11,6 +11,7 @@ import functools
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ MAX_BATCH = 64
 MAX_NEIGHBOURS = 8
 INLINE_TOKENS = 4
 MAX_PROBE_BYTES = 4 << 20
+MAX_KEPT, KEEP_SECONDS = 32, 120.0  # forward graphs kept for training backwards
 REACT_WINDOW = 30.0  # s: a rebalancing check follows a server's departure within U(0, this)
 WARMUP_TOKENS = 256  # steps of at most this many tokens (batch × length) compute on the event loop
 
@@ -168,6 +170,29 @@ def placed(infos: list[ServerInfo]) -> list[Placed]:
     return [Placed(i.peer_id, i.start, i.end, i.throughput) for i in infos]
 
 
+class KeptGraphs:
+    """Forward graphs kept for the backward that follows (training), the newest MAX_KEPT for KEEP_SECONDS."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple[str, str], tuple[float, object]] = OrderedDict()
+
+    def put(self, key: tuple[str, str], value: object) -> None:
+        self._items[key] = (time.monotonic() + KEEP_SECONDS, value)
+        while len(self._items) > MAX_KEPT:
+            self._items.popitem(last=False)
+
+    def pop(self, key: tuple[str, str]) -> object | None:
+        now = time.monotonic()
+        for k in [k for k, (t, _) in self._items.items() if t < now]:
+            del self._items[k]
+        item = self._items.pop(key, None)
+        return item[1] if item is not None else None
+
+
+def _peer(stream) -> str:
+    return stream.muxed_conn.peer_id.to_base58()
+
+
 class Server:
     """Serves `blocks`; `span` holds their weights once loaded (None while loading the first time)."""
 
@@ -189,6 +214,7 @@ class Server:
         self.state = ServerState.JOINING
         self.sessions: dict[str, ServerSession] = {}
         self.adapters = AdapterCache(hosted)
+        self.graphs = KeptGraphs()
         self._announce_now = trio.Event()
         self.rtt = RttTracker(node)
 
@@ -384,8 +410,14 @@ class Server:
         span = self._sub_span(req.start, req.end)
         check_compression(req.compression)
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
-        out = await self._compute(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
-                                               req.prompts, lora).to(req.hidden.dtype))
+        if req.keep:
+            graph = await self._compute(span.forward_with_graph, req.hidden, req.position_ids, req.attention_mask,
+                                        req.prompts, lora)
+            self.graphs.put((_peer(stream), req.keep), (req.start, req.end, graph))
+            out = graph.output.detach().to(req.hidden.dtype)
+        else:
+            out = await self._compute(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
+                                                   req.prompts, lora).to(req.hidden.dtype))
         self.counters.forwards += 1
         await wire.write_frame(stream, ForwardReply(out).to_wire(req.compression))
 
@@ -397,8 +429,12 @@ class Server:
         if req.grad_output.shape != req.hidden.shape:
             raise BadRequest(f"grad_output {list(req.grad_output.shape)} must match hidden {list(req.hidden.shape)}")
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
-        grads = await self._compute(span.backward, req.hidden, req.grad_output, req.position_ids,
-                                    req.attention_mask, req.prompts, lora)
+        kept = self.graphs.pop((_peer(stream), req.keep)) if req.keep else None
+        if kept is not None and kept[:2] == (req.start, req.end) and kept[2].output.shape == req.grad_output.shape:
+            grads = await self._compute(kept[2].backward, req.grad_output)
+        else:  # nothing kept (another server ran the forward, or it expired): recompute it
+            grads = await self._compute(span.backward, req.hidden, req.grad_output, req.position_ids,
+                                        req.attention_mask, req.prompts, lora)
         self.counters.backwards += 1
         reply = BackwardReply(grads.hidden.to(req.hidden.dtype),
                               grads.prompts.to(req.hidden.dtype) if grads.prompts is not None else None,

@@ -14,8 +14,10 @@ proportion to their throughput, so many trainers spread over the swarm; otherwis
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,7 @@ class Pass:
     attention_mask: torch.Tensor | None
     prompts: torch.Tensor | None = None  # [num_blocks, 1 or B, P, H], indexed by global block
     lora: ClientLora | None = None
+    keeps: list[str] = field(default_factory=list)  # per hop: the id its server kept the graph under
 
 
 @dataclass
@@ -74,12 +77,15 @@ class Grads:
 class SwarmBlocks:
     def __init__(self, node: Node, table: SwarmTable, rtt: RttTracker, bans: BanList, model_id: str,
                  num_blocks: int, compression: str = "none", timeout: float = 120.0, spread: bool = False,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, keep_graphs: bool = False) -> None:
         self.node, self.table, self.rtt, self.bans = node, table, rtt, bans
         self.model_id, self.num_blocks = model_id, num_blocks
         self.compression, self.timeout = compression, timeout
         self.spread = spread
         self.rng = rng or random.Random()
+        self.keep_graphs = keep_graphs  # servers keep each forward's graph for its backward (no recompute)
+        self.run = secrets.token_hex(6)
+        self._keep_ids = itertools.count()
         self.retries = 0
 
     async def _route(self, start: int, end: int) -> list[Hop]:
@@ -104,33 +110,35 @@ class SwarmBlocks:
                       prompts: torch.Tensor | None = None, lora: ClientLora | None = None
                       ) -> tuple[torch.Tensor, Pass]:
         end = self.num_blocks if end is None else end
-        hops, inputs = [], []
+        hops, inputs, keeps = [], [], []
         pos, x = start, hidden
         failures = 0
         while pos < end:
             route = await self._route(pos, end)
             try:
                 for hop in route:
+                    keep = f"{self.run}:{next(self._keep_ids)}" if self.keep_graphs else ""
                     y = await remote_forward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, position_ids,
                                              attention_mask, prompts=_slice(prompts, hop), lora=lora,
-                                             compression=self.compression, timeout=self.timeout)
+                                             compression=self.compression, keep=keep, timeout=self.timeout)
                     hops.append(hop)
                     inputs.append(x)
+                    keeps.append(keep)
                     x, pos = y, hop.end
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
-        return x, Pass(hops, inputs, position_ids, attention_mask, prompts, lora)
+        return x, Pass(hops, inputs, position_ids, attention_mask, prompts, lora, keeps)
 
     async def backward(self, grad_output: torch.Tensor, done: Pass, into: Grads | None = None) -> Grads:
         grads = into if into is not None else Grads()
         grad = grad_output
-        for hop, x in zip(reversed(done.hops), reversed(done.inputs)):
-            grad = await self._backward_hop(hop, x, grad, done, grads)
+        for hop, x, keep in zip(reversed(done.hops), reversed(done.inputs), reversed(done.keeps)):
+            grad = await self._backward_hop(hop, x, grad, done, grads, keep)
         grads.hidden = grad
         return grads
 
     async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, done: Pass,
-                            grads: Grads) -> torch.Tensor:
+                            grads: Grads, keep: str = "") -> torch.Tensor:
         failures = 0
         per_block = 2 * len(done.lora.weights.spec.targets) if done.lora and done.lora.weights else 0
         shape = tuple(done.prompts.shape) if done.prompts is not None else None
@@ -138,7 +146,8 @@ class SwarmBlocks:
             try:
                 g = await remote_backward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, grad,
                                           done.position_ids, done.attention_mask, prompts=_slice(done.prompts, hop),
-                                          lora=done.lora, compression=self.compression, timeout=self.timeout)
+                                          lora=done.lora, compression=self.compression, keep=keep,
+                                          timeout=self.timeout)
                 grads.add_hop(hop, g.prompts, g.lora, per_block, shape)
                 return g.hidden
             except RETRIABLE as e:

@@ -176,3 +176,18 @@ async def test_hosted_and_sent_lora_adapters_equal_local(tiny_dirs, tmp_path):
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
         with pytest.raises(AdapterUnknown):
             await remote_forward(client, info, 1, 5, x, pos, lora=ClientLora("nobody"))
+
+
+async def test_backward_on_a_kept_graph_equals_a_recomputed_one(tiny_dirs):
+    folder = tiny_dirs["llama"]
+    async with server_and_client(folder) as (server, client, info):
+        x, pos = inputs()
+        grad_out = torch.randn_like(x)
+        out = await remote_forward(client, info, 1, 5, x, pos, keep="k1")
+        assert len(server.graphs._items) == 1
+        kept = await remote_backward(client, info, 1, 5, x, grad_out, pos, keep="k1")
+        assert len(server.graphs._items) == 0  # used once, then dropped
+        fresh = await remote_backward(client, info, 1, 5, x, grad_out, pos)
+        assert torch.equal(out, await remote_forward(client, info, 1, 5, x, pos))
+        assert torch.allclose(kept.hidden, fresh.hidden, atol=1e-6)
+        assert server.counters.backwards == 2
