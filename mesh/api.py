@@ -13,7 +13,6 @@ The client holds only the embeddings, the final norm and the LM head; every bloc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -131,8 +130,7 @@ class DistributedModelForCausalLM:
                              hint="use a prompt or lora adapter for chat")
         weights = loaded.lora_weights()
         if weights is not None:
-            digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes() for t in weights.tensors()))
-            self.lora = ClientLora(f"file:{digest.hexdigest()[:20]}", weights)
+            self.lora = ClientLora.keyed("file", weights)
         else:
             self.prefix = loaded.prompt.detach()
 

@@ -12,7 +12,6 @@ Both take the same inputs, so a training step is the same code either way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -186,14 +185,11 @@ class SwarmRunner:
         weights = adapter.lora_weights()
         if weights is None:
             return None
-        digest = hashlib.sha1()
-        for t in weights.tensors():
-            digest.update(t.detach().to(torch.float32).numpy().tobytes())
-        key = f"{self.run_id}:{digest.hexdigest()[:16]}"
+        fresh = ClientLora.keyed(self.run_id, weights)
         if self._lora is None:
-            self._lora = ClientLora(key, weights)
-        elif self._lora.key != key:
-            self._lora.update(key, weights)
+            self._lora = fresh
+        elif self._lora.key != fresh.key:  # new weights: servers must get them again
+            self._lora.update(fresh.key, weights)
         return self._lora
 
     def __call__(self, hidden, position_ids, attention_mask, adapter):
@@ -203,39 +199,33 @@ class SwarmRunner:
         return _SwarmBlocksFn.apply(self, adapter, position_ids, attention_mask, hidden,
                                     deep if deep is not None else torch.empty(0), *flat)
 
+    def _each_micro_batch(self, batch: int, call) -> list:
+        """`call(i, rows)` for each micro-batch, concurrently in the client's trio thread; results in order."""
+        cuts = [slice(a, a + self.micro_batch) for a in range(0, batch, self.micro_batch)]
+        results: list = [None] * len(cuts)
+
+        async def one(i: int) -> None:
+            results[i] = await call(i, cuts[i])
+
+        async def run() -> None:
+            async with trio.open_nursery() as n:
+                for i in range(len(cuts)):
+                    n.start_soon(one, i)
+
+        self.model.client.call(run)
+        return results
+
     def forward(self, hidden, position_ids, attention_mask, adapter):
         lora = self._client_lora(adapter)
         deep = adapter.deep_prompts()
         deep = deep.detach() if deep is not None else None
-        cuts = list(range(0, hidden.shape[0], self.micro_batch))
-        results: list = [None] * len(cuts)
-
-        async def one(i: int, a: int) -> None:
-            b = a + self.micro_batch
-            results[i] = await self.blocks.forward(hidden[a:b].detach(), position_ids[a:b], attention_mask[a:b],
-                                                   prompts=deep, lora=lora)
-
-        async def run() -> None:
-            async with trio.open_nursery() as n:
-                for i, a in enumerate(cuts):
-                    n.start_soon(one, i, a)
-
-        self.model.client.call(run)
+        results = self._each_micro_batch(hidden.shape[0], lambda i, rows: self.blocks.forward(
+            hidden[rows].detach(), position_ids[rows], attention_mask[rows], prompts=deep, lora=lora))
         return torch.cat([r[0] for r in results]), [r[1] for r in results]
 
     def backward(self, grad_output, passes, adapter):
-        cuts = list(range(0, grad_output.shape[0], self.micro_batch))
-        results: list = [None] * len(cuts)
-
-        async def one(i: int, a: int) -> None:
-            results[i] = await self.blocks.backward(grad_output[a:a + self.micro_batch].contiguous(), passes[i])
-
-        async def run() -> None:
-            async with trio.open_nursery() as n:
-                for i, a in enumerate(cuts):
-                    n.start_soon(one, i, a)
-
-        self.model.client.call(run)
+        results = self._each_micro_batch(grad_output.shape[0], lambda i, rows: self.blocks.backward(
+            grad_output[rows].contiguous(), passes[i]))
         grad_hidden = torch.cat([r.hidden for r in results])
         grad_deep = None
         if adapter.deep is not None:

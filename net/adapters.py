@@ -9,6 +9,7 @@ sent without weights, upon which the client sends them again. Adapters a server 
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -74,6 +75,13 @@ class AdapterCache:
         return lora
 
 
+def weights_hash(weights: LoraWeights) -> str:
+    digest = hashlib.sha1()
+    for t in weights.tensors():
+        digest.update(t.detach().to(torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class ClientLora:
     """A client's adapter: its weights for every block under `key` (change the key when they change), or
@@ -88,6 +96,11 @@ class ClientLora:
     def update(self, key: str, weights: LoraWeights) -> None:
         self.key, self.weights = key, weights
         self.sent.clear()
+
+    @classmethod
+    def keyed(cls, prefix: str, weights: LoraWeights) -> "ClientLora":
+        """An adapter whose key is `prefix` + a hash of its weights: a change of weights changes the key."""
+        return cls(f"{prefix}:{weights_hash(weights)}", weights)
 
     def ref(self, start: int, end: int, with_weights: bool) -> dict:
         if self.weights is None:

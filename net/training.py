@@ -67,11 +67,18 @@ class Grads:
             self.prompts[hop.start:hop.end] += prompts
         if lora is not None:
             for k, b in enumerate(range(hop.start, hop.end)):
-                part = lora[k * per_block:(k + 1) * per_block]
-                if b in self.lora:
-                    self.lora[b] = [x + y for x, y in zip(self.lora[b], part)]
-                else:
-                    self.lora[b] = list(part)
+                self._add_lora(b, lora[k * per_block:(k + 1) * per_block])
+
+    def merge(self, other: "Grads") -> None:
+        """Add the prompt and LoRA gradients of another pass (a rerouted hop's replacement chain)."""
+        if other.prompts is not None:
+            self.prompts = other.prompts if self.prompts is None else self.prompts + other.prompts
+        for b, part in other.lora.items():
+            self._add_lora(b, part)
+
+    def _add_lora(self, block: int, part: list[torch.Tensor]) -> None:
+        old = self.lora.get(block)
+        self.lora[block] = list(part) if old is None else [x + y for x, y in zip(old, part)]
 
 
 class SwarmBlocks:
@@ -156,12 +163,8 @@ class SwarmBlocks:
             try:
                 _, sub = await self.forward(x, done.position_ids, done.attention_mask, hop.start, hop.end,
                                             prompts=done.prompts, lora=done.lora)
-                inner = Grads()
-                await self.backward(grad, sub, inner)
-                grads.prompts = inner.prompts if grads.prompts is None else (
-                    grads.prompts + inner.prompts if inner.prompts is not None else grads.prompts)
-                for b, part in inner.lora.items():
-                    grads.lora[b] = [x + y for x, y in zip(grads.lora[b], part)] if b in grads.lora else part
+                inner = await self.backward(grad, sub)  # apart: a failure inside must not count twice
+                grads.merge(inner)
                 return inner.hidden
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
