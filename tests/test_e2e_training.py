@@ -29,8 +29,9 @@ def local_grads(folder, x, pos, grad_out):
 
 
 @pytest.mark.parametrize("kill", [None, "forward", "backward"])
-def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill):
+def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill, monkeypatch):
     from mesh import DistributedModelForCausalLM
+    from mesh.net import training
 
     pool.refill()
     with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot]) as model:
@@ -43,16 +44,38 @@ def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill):
         pos = torch.arange(7).expand(2, 7)
         ref_out, ref_grad = local_grads(tiny30, x, pos, grad_out)
 
-        async def run():
-            route = await blocks._route(0, 30)
-            if kill == "forward":
+        real_forward, calls = training.remote_forward, []
+
+        async def forward_then_kill(node, info, start, *args, **kwargs):
+            # The next hop's server dies once the first hop has answered: mid-pass, on a chain already chosen.
+            y = await real_forward(node, info, start, *args, **kwargs)
+            calls.append(start)
+            if kill == "forward" and len(calls) == 1:
                 pool.by_peer(route[1].peer_id).signal(signal.SIGKILL)
+            return y
+
+        monkeypatch.setattr(training, "remote_forward", forward_then_kill)
+
+        async def run():
+            nonlocal route
+            route = await blocks._route(0, 30)
+            blocks._route = _fixed(route, blocks._route)
             out, done = await blocks.forward(x, pos)
             if kill == "backward":
                 pool.by_peer(done.hops[-1].peer_id).signal(signal.SIGKILL)
             return out, (await blocks.backward(grad_out, done)).hidden
 
+        route = []
         out, grad = client.call(run)
         assert torch.allclose(out, ref_out, atol=1e-5, rtol=1e-5)
         assert torch.allclose(grad, ref_grad, atol=1e-5, rtol=1e-5)
         assert blocks.retries == (0 if kill is None else 1)
+
+
+def _fixed(first, route):
+    """The first pass takes the chain the test looked at; reroutes after a failure choose freely."""
+    chains = [first]
+
+    async def choose(start, end):
+        return chains.pop() if chains else await route(start, end)
+    return choose
