@@ -17,11 +17,12 @@ LISTENING = re.compile(r"^mesh: listening on (\S+)$", re.M)
 
 
 class MeshProcess:
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, netns: str | None = None) -> None:
         self.args = args
         self.log = log
         self._file = open(log, "w")
-        self.proc = subprocess.Popen([*MESH, *args], stdout=self._file, stderr=subprocess.STDOUT,
+        inside = ["ip", "netns", "exec", netns] if netns else []  # execs: the PID stays the program's
+        self.proc = subprocess.Popen([*inside, *MESH, *args], stdout=self._file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self.addr: str | None = None
 
