@@ -26,4 +26,4 @@ def node_config(initial_peers: list[str] | None, listen: list[str] | None = None
         listen = list(listen or [])
         identity_path = identity
     return NodeConfig(listen=listen, initial_peers=peers, identity_path=identity_path,
-                      dht_mode="server" if server else "client")
+                      dht_mode="server" if server else "client", relay_service=server)

@@ -147,7 +147,8 @@ class DistributedModelForCausalLM:
         peers = list(initial_peers or env_initial_peers())
         if not peers:
             raise MeshError("no peers to join", hint="pass initial_peers (printed by `mesh serve`)")
-        client = SwarmClient(NodeConfig(listen=[], initial_peers=peers, dht_mode="client"))
+        # a listening port lets DCUtR punch through this client's NAT to servers that sit behind NATs too
+        client = SwarmClient(NodeConfig(listen=[CLIENT_LISTEN], initial_peers=peers, dht_mode="client"))
         model = cls(source, head, tokenizer, client, compression, route_wait, exact)
         try:
             model.wait_for_swarm(timeout)
@@ -229,6 +230,9 @@ class DistributedModelForCausalLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CLIENT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 
 
 def _tokenizer_or_none(source: ModelSource):

@@ -40,10 +40,12 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.model.errors import MeshError
-from mesh.net import wire
+from mesh.net import relay, wire
 from mesh.net.messages import Message
 
 log = logging.getLogger("mesh.node")
@@ -70,6 +72,7 @@ class NodeConfig:
     dht_mode: str = "server"  # "client" nodes do not answer DHT queries
     connect_timeout: float = 10.0
     gossip_heartbeat: float = 1.0
+    relay_service: bool = False  # answer circuit-relay reservations (servers; only useful when dialable)
 
 
 def env_initial_peers() -> list[str]:
@@ -125,6 +128,14 @@ class Node:
         self.config = config
         self.nursery = nursery
         self._stream_slots: dict[str, trio.Semaphore] = defaultdict(lambda: trio.Semaphore(MAX_STREAMS_PER_PEER))
+        self._circuits: dict[str, list[str]] = {}  # peer id -> its addresses through relays
+        self._dialing: dict[str, trio.Lock] = defaultdict(trio.Lock)
+        self.relay_addrs: list[str] | None = None  # set while this node is only reachable through a relay
+        self.observed_addrs: list[str] = []  # dialable addresses that peers' dial-backs confirmed
+
+    @property
+    def relayed(self) -> bool:
+        return self.relay_addrs is not None
 
     @property
     def peer_id(self) -> str:
@@ -142,14 +153,17 @@ class Node:
         return out
 
     def join_addrs(self) -> list[str]:
-        """Addresses to share: wildcard listen addresses replaced by this machine's interface addresses."""
-        out = []
+        """Addresses to share: wildcard listen addresses replaced by this machine's interface addresses,
+        or, while this node cannot be dialled, only its addresses through its relay."""
+        if self.relay_addrs is not None:
+            return list(self.relay_addrs)
+        out = [f"{a}/p2p/{self.peer_id}" for a in self.observed_addrs]
         for a in self.addrs:
             if "/ip4/0.0.0.0/" in a:
                 out.extend(a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/") for ip in _local_ipv4s())
             else:
                 out.append(a)
-        return out
+        return list(dict.fromkeys(out))
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
@@ -177,9 +191,9 @@ class Node:
                 try:  # answer with the error, then close (a reset could overtake the answer)
                     await wire.write_frame(stream, wire.error_frame(e), timeout=1.0)
                 except Exception:
-                    await _reset(stream)
+                    await wire.reset_quietly(stream)
                     return
-            await _close(stream)
+            await wire.close_quietly(stream)
 
         self.host.set_stream_handler(proto, guarded)
 
@@ -198,9 +212,17 @@ class Node:
         return info.peer_id.to_base58()
 
     def remember(self, peer_id: str, addrs: list[str]) -> None:
-        """Put a peer's announced addresses in the peerstore so streams to it can dial."""
+        """Put a peer's announced addresses in the peerstore so streams to it can dial; addresses through
+        a relay are kept aside (libp2p's dialer skips them) for `stream` to dial itself."""
         maddrs = []
+        circuits = [a for a in addrs if relay.is_circuit(a)]
+        if circuits:
+            self._circuits[peer_id] = circuits
+        elif addrs:
+            self._circuits.pop(peer_id, None)
         for a in addrs:
+            if relay.is_circuit(a):
+                continue
             try:
                 maddrs.append(multiaddr.Multiaddr(a.split("/p2p/")[0]))
             except Exception:
@@ -221,6 +243,7 @@ class Node:
         try:
             try:
                 with trio.fail_after(timeout):
+                    await self._dial_circuit_if_needed(peer_id)
                     stream = await self.host.new_stream(ID.from_base58(peer_id),
                                                         [TProtocol(wire.protocol_id(name, version))])
             except trio.TooSlowError as e:
@@ -239,9 +262,26 @@ class Node:
                 ok = True
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await (_close(stream) if ok else _reset(stream))
+                    await (wire.close_quietly(stream) if ok else wire.reset_quietly(stream))
         finally:
             slots.release()
+
+    async def _dial_circuit_if_needed(self, peer_id: str) -> None:
+        """Peers that announced only relay addresses are dialled through a relay, one dial at a time."""
+        if peer_id not in self._circuits:
+            return
+        async with self._dialing[peer_id]:
+            if self.host.get_network().connections.get(ID.from_base58(peer_id)):
+                return
+            errors = []
+            for addr in self._circuits.get(peer_id, []):
+                try:
+                    await relay.dial_circuit(self.host, addr)
+                    log.debug("connected to %s through %s", _short(peer_id), addr.split(relay.CIRCUIT)[0])
+                    return
+                except Exception as e:
+                    errors.append(_one_line(e))
+            raise PeerUnavailable(f"cannot reach {_short(peer_id)} through its relays: {'; '.join(errors)}")
 
     async def request(self, peer_id: str, name: str, message: Message, *, timeout: float = 30.0,
                       compression: str = "none", reply: type[Message] = Message) -> Message:
@@ -276,9 +316,13 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 await stack.enter_async_context(background_trio_service(pubsub))
                 await stack.enter_async_context(background_trio_service(gossip))
                 await stack.enter_async_context(background_trio_service(dht))
+                relaying = CircuitV2Protocol(host, relay.RELAY_LIMITS, allow_hop=config.relay_service)
+                await stack.enter_async_context(background_trio_service(relaying))  # STOP: accept relayed conns
+                await stack.enter_async_context(background_trio_service(DCUtRProtocol(host)))
                 with trio.fail_after(10):
                     await pubsub.wait_until_ready()
                 node = Node(host, pubsub, gossip, dht, config, nursery)
+                relay.serve_dialback(node)
                 log.info("node %s listening on %s", _short(node.peer_id), ", ".join(node.addrs))
                 try:
                     await _join(node, config.initial_peers)
@@ -328,20 +372,6 @@ async def _join(node: Node, peers: list[str]) -> None:
     log.info("joined the swarm through %d of %d initial peers", len(reached), len(infos))
 
 
-async def _close(stream) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        pass
-
-
-async def _reset(stream) -> None:
-    try:
-        await stream.reset()
-    except Exception:
-        pass
-
-
 def _protocol_refused(e: BaseException | None) -> bool:
     """multistream-select answered "na": the peer is up but does not speak this protocol id."""
     while e is not None:
@@ -365,9 +395,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def _local_ipv4s() -> list[str]:
+    """IPv4 addresses of this machine's interfaces (Linux: every interface that is up; elsewhere: the one
+    that routes outwards), always with loopback."""
     import socket
 
     ips = {"127.0.0.1"}
+    try:
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue  # no IPv4 address on it
+                ips.add(socket.inet_ntoa(raw[20:24]))
+    except (ImportError, OSError):
+        pass
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface

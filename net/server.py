@@ -35,7 +35,8 @@ from mesh.net.adapters import AdapterCache
 from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                                InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, SessionOpened, Step)
-from mesh.net.node import Node, NodeConfig, open_node, short_id
+from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr, short_id
+from mesh.net.relay import establish_reachability
 from mesh.net.latency import RttTracker
 from mesh.net.sessions import ServerSession
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
@@ -222,7 +223,7 @@ class Server:
 
     @property
     def throughput(self) -> float:
-        return server_throughput(self.measurement, self.blocks[1] - self.blocks[0])
+        return server_throughput(self.measurement, self.blocks[1] - self.blocks[0], relayed=self.node.relayed)
 
     def info(self) -> ServerInfo:
         m = self.measurement
@@ -232,13 +233,16 @@ class Server:
             forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.budget.free,
             dtype=str(self.config.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
-            next_pings=dict(self.rtt.rtt), adapters=sorted(self.adapters.hosted),
+            next_pings=dict(self.rtt.rtt), adapters=sorted(self.adapters.hosted), relayed=self.node.relayed,
             ttl=max(3.0 * self.config.announce_period, 2.0))
 
     async def set_state(self, state: ServerState) -> None:
         self.state = state
         log.info("state %s", state.name)
         await self.swarm.announce(self.info())
+
+    def announce_soon(self) -> None:
+        self._announce_now.set()
 
     async def announce_forever(self) -> None:
         while True:
@@ -527,6 +531,21 @@ class Server:
         await self.swarm.flush()
 
 
+def relay_candidates(swarm: Swarm, node_config: NodeConfig) -> list[tuple[str, list[str]]]:
+    """Peers that may relay for us, best first: dialable servers we are connected to, then the initial
+    peers (we dialled them, so they are dialable), then other dialable servers."""
+    connected = set(swarm.node.connected_peers())
+    servers = [i for i in swarm.table.servers(states=(ServerState.ONLINE, ServerState.JOINING))
+               if not i.relayed and i.addrs]
+    random.shuffle(servers)
+    out = [(i.peer_id, i.addrs) for i in servers if i.peer_id in connected]
+    for addr in node_config.initial_peers:
+        out.append((parse_peer_addr(addr).peer_id.to_base58(), [addr]))
+    out += [(i.peer_id, i.addrs) for i in servers if i.peer_id not in connected]
+    seen: set[str] = set()
+    return [(p, a) for p, a in out if not (p in seen or seen.add(p))]
+
+
 async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Measure, choose blocks, load, join and serve until `stop` is set; then drain and say OFFLINE."""
@@ -534,6 +553,9 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
     fixed = parse_blocks(config.blocks, source.num_blocks)
     rng = random.Random()
     async with open_node(config.node) as node, open_swarm(node, follow=[source.model_id]) as swarm:
+        servers: list[Server] = []  # a relay change asks the server (once it exists) to announce at once
+        await establish_reachability(node, functools.partial(relay_candidates, swarm, config.node),
+                                     lambda: servers and servers[0].announce_soon())
         measurement = await measure_throughput(config, source, node)
         if fixed is None:
             length = blocks_that_fit(source, config)
@@ -550,6 +572,7 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
             hosted[Path(folder).name] = await trio.to_thread.run_sync(load_peft, Path(folder), source.config)
             log.info("hosting adapter %s", Path(folder).name)
         server = Server(config, source, node, swarm, measurement, blocks, movable=fixed is None, hosted=hosted)
+        servers.append(server)
         server.register()
         await server.set_state(ServerState.JOINING)  # before loading: joiners from now on see our place
         node.nursery.start_soon(server.announce_forever)

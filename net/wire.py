@@ -191,3 +191,18 @@ def raise_if_error(frame: Any) -> Any:
         exc.peer_id = err.get("peer_id")  # type: ignore[attr-defined]
         raise exc
     return frame
+
+
+async def close_quietly(stream) -> None:
+    """Close a stream whose peer may already be gone."""
+    try:
+        await stream.close()
+    except Exception:
+        pass
+
+
+async def reset_quietly(stream) -> None:
+    try:
+        await stream.reset()
+    except Exception:
+        pass

@@ -177,3 +177,32 @@ async def test_dht_finds_a_models_server_when_bootstrap_is_not_one():
                 assert relay.peer_id in c.connected_peers() and server.peer_id in c.connected_peers()
                 assert [i.peer_id for i in sc.table.servers("m")] == [server.peer_id]
                 print(f"found through the DHT in {time.perf_counter() - t0:.2f} s")
+
+
+async def test_dialback_confirms_a_listening_port_and_refuses_a_closed_one():
+    from mesh.net.relay import DialBack, DialBackReply, check_dialable
+
+    async with running_nodes(2) as (a, b):
+        await b.connect(a.addrs[0])
+        dialable, worked = await check_dialable(b, [a.peer_id])
+        port = int(b.addrs[0].split("/tcp/")[1].split("/")[0])
+        assert dialable is True and worked == [f"/ip4/127.0.0.1/tcp/{port}"]
+        with trio.socket.socket() as s:  # a port that nothing listens on
+            await s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        reply = await b.request(a.peer_id, "dialback", DialBack([closed]), timeout=10, reply=DialBackReply)
+        assert reply.dialable == []
+        assert await check_dialable(b, []) == (None, [])
+
+
+def test_circuit_addresses_are_kept_apart_from_direct_ones():
+    from mesh.net.relay import circuit_addrs, split_circuit
+
+    relay, target = "12D3KooWRelay", "12D3KooWTarget"
+    addrs = circuit_addrs(["/ip4/10.0.0.1/tcp/31337", f"/ip4/10.0.0.2/tcp/1/p2p/{relay}",
+                           f"/ip4/10.0.0.3/tcp/1/p2p/{relay}/p2p-circuit/p2p/x"], relay, target)
+    assert addrs == [f"/ip4/10.0.0.1/tcp/31337/p2p/{relay}/p2p-circuit/p2p/{target}",
+                     f"/ip4/10.0.0.2/tcp/1/p2p/{relay}/p2p-circuit/p2p/{target}"]
+    assert split_circuit(addrs[0]) == (f"/ip4/10.0.0.1/tcp/31337/p2p/{relay}", target)
+    with pytest.raises(ValueError):
+        split_circuit("/ip4/10.0.0.1/tcp/31337")

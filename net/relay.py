@@ -1,0 +1,314 @@
+"""Reaching nodes that cannot be dialled: a dial-back check, circuit relay v2 slots, dials through them.
+
+A server behind a home router can dial out but nobody can dial in. It learns that by asking up to three
+connected peers to dial it back (`/mesh/dialback/…`): each peer opens a plain TCP connection to the
+asker's *observed* address (the one the peer sees the request come from) at each port the asker
+listens on. One success means dialable; answers and no success mean not. The peer only ever dials the
+address the request came from, so the protocol cannot be used to make it scan someone else.
+
+A node that is not dialable reserves a slot on a relay (circuit relay v2, `/libp2p/circuit/relay/0.2.0/hop`)
+among the dialable peers it is connected to, and announces only `<relay addr>/p2p-circuit/p2p/<self>`
+addresses. Dialers reach it by asking the relay to CONNECT them (the relay opens a STOP stream to the
+reserved peer and pipes bytes); the result is upgraded like any connection (Noise, Yamux), so every
+mesh protocol runs over it unchanged. `RelaySlot` keeps the reservation: it watches the relay every
+second and refreshes before expiry; when the relay goes, it reserves on another one and asks for an
+announcement at once.
+
+Every serving node that finds itself dialable relays for others, within `RELAY_LIMITS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import multiaddr
+import trio
+from libp2p.connection_types import ConnectionType
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+from mesh.net import wire
+from mesh.net.messages import Message
+
+log = logging.getLogger("mesh.relay")
+
+CIRCUIT = "/p2p-circuit"
+DIALBACK_TIMEOUT = 3.0  # a dialable host answers a TCP SYN within one RTT
+DIALBACK_PEERS = 3
+WATCH_PERIOD = 1.0
+PING_PERIOD = 2.0  # a relay that vanishes silently (no FIN, no RST) is noticed after MISSED_PINGS pings
+PING_TIMEOUT = 3.0  # generous: pings share the relay connection with the relayed tensors
+MISSED_PINGS = 2
+RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=256, max_reservations=64,
+                           reservation_ttl=3600)
+
+
+def is_circuit(addr: str) -> bool:
+    return CIRCUIT in addr
+
+
+def circuit_addrs(relay_addrs: list[str], relay_id: str, peer_id: str) -> list[str]:
+    """Addresses of `peer_id` through the relay: `<relay addr>/p2p/<relay>/p2p-circuit/p2p/<peer>`."""
+    out = []
+    for a in relay_addrs:
+        if is_circuit(a):
+            continue
+        base = a if "/p2p/" in a else f"{a}/p2p/{relay_id}"
+        out.append(f"{base}{CIRCUIT}/p2p/{peer_id}")
+    return out
+
+
+def split_circuit(addr: str) -> tuple[str, str]:
+    """(`<relay addr>/p2p/<relay>`, target peer id) of a circuit address."""
+    relay, _, target = addr.partition(f"{CIRCUIT}/p2p/")
+    if not relay or not target:
+        raise ValueError(f"not a circuit address: {addr}")
+    return relay, target
+
+
+def is_relayed(conn) -> bool:
+    try:
+        return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
+
+
+class RelayRefused(Exception):
+    pass
+
+
+async def _hop(host, relay_id: ID, msg: HopMessage):
+    stream = await host.new_stream(relay_id, [HOP_PROTOCOL])
+    try:
+        await write_delimited_msg(stream, msg)
+        reply = await read_delimited_msg(stream, HopMessage)
+    except BaseException:
+        await wire.reset_quietly(stream)
+        raise
+    status = reply.status if reply.HasField("status") else StatusCode.OK
+    if status != StatusCode.OK:
+        await wire.reset_quietly(stream)
+        name = StatusCode(status).name if status in StatusCode._value2member_map_ else str(status)
+        raise RelayRefused(f"relay {str(relay_id)[-8:]} answered {name}")
+    return stream, reply
+
+
+async def dial_circuit(host, addr: str) -> None:
+    """Connect to the target of a circuit address through its relay; the connection joins the swarm."""
+    relay_addr, target = split_circuit(addr)
+    relay = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
+    target_id = ID.from_base58(target)
+    await host.connect(relay)
+    stream, _ = await _hop(host, relay.peer_id, HopMessage(type=HopMessage.CONNECT,
+                                                           peer=PeerId(id=target_id.to_bytes())))
+    raw = RawConnection(stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
+                        addresses=[multiaddr.Multiaddr(f"/p2p/{relay.peer_id.to_base58()}{CIRCUIT}/p2p/{target}")])
+    await host.upgrade_outbound_connection(raw, target_id)
+
+
+async def reserve(host, relay_id: ID) -> float:
+    """Reserve a slot on a connected relay; returns when it expires (unix time)."""
+    stream, reply = await _hop(host, relay_id, HopMessage(type=HopMessage.RESERVE,
+                                                          peer=PeerId(id=host.get_id().to_bytes())))
+    await wire.close_quietly(stream)
+    expire = reply.reservation.expire if reply.HasField("reservation") else 0
+    return float(expire) if expire else time.time() + 600
+
+
+# ----- dial-back ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DialBack(Message):
+    ports: list = field(default_factory=list)
+
+
+@dataclass
+class DialBackReply(Message):
+    dialable: list = field(default_factory=list)  # "/ip4/<observed ip>/tcp/<port>" that accepted
+
+
+def serve_dialback(node) -> None:
+    async def handle(stream) -> None:
+        req = DialBack.from_wire(await wire.read_frame(stream, timeout=10))
+        remote = stream.muxed_conn.get_remote_address() if not is_relayed(stream.muxed_conn) else None
+        dialable = []
+        if remote:
+            ip = remote[0]
+            for port in [p for p in req.ports if isinstance(p, int) and 0 < p < 65536][:4]:
+                with trio.move_on_after(DIALBACK_TIMEOUT):
+                    try:
+                        sock = await trio.open_tcp_stream(ip, port)
+                    except OSError:
+                        continue
+                    await sock.aclose()
+                    dialable.append(f"/ip4/{ip}/tcp/{port}")
+        await wire.write_frame(stream, DialBackReply(dialable).to_wire())
+
+    node.set_handler("dialback", handle)
+
+
+def listen_ports(node) -> list[int]:
+    ports = set()
+    for a in node.host.get_addrs():
+        try:
+            ports.add(int(multiaddr.Multiaddr(str(a)).value_for_protocol("tcp")))
+        except Exception:
+            continue
+    return sorted(ports)
+
+
+async def check_dialable(node, peers: list[str]) -> tuple[bool | None, list[str]]:
+    """Ask up to three `peers` to dial us back: (dialable?, addresses that worked); None: nobody answered."""
+    ports = listen_ports(node)
+    answers: list[list[str]] = []
+
+    async def ask(peer: str) -> None:
+        try:
+            reply = await node.request(peer, "dialback", DialBack(ports), timeout=DIALBACK_TIMEOUT + 5,
+                                       reply=DialBackReply)
+        except Exception as e:
+            log.debug("dial-back through %s: %s", peer[-8:], e)
+            return
+        answers.append([a for a in reply.dialable if isinstance(a, str)])
+
+    async with trio.open_nursery() as n:
+        for peer in peers[:DIALBACK_PEERS]:
+            n.start_soon(ask, peer)
+    if not answers:
+        return None, []
+    worked = sorted({a for answer in answers for a in answer})
+    return bool(worked), worked
+
+
+# ----- keeping a relay slot ----------------------------------------------------------------------------
+
+
+@dataclass
+class RelayState:
+    relay_id: str = ""
+    addrs: list[str] = field(default_factory=list)  # our circuit addresses through it
+    expire: float = 0.0
+    since: float = 0.0
+
+
+class RelaySlot:
+    """Keep one reservation on a dialable peer, moving to another when the relay goes away.
+
+    `candidates()` lists (peer id, its addresses) of dialable peers, best first; `on_change` is called
+    after every new reservation so the owner re-announces its addresses at once.
+    """
+
+    def __init__(self, node, candidates: Callable[[], list[tuple[str, list[str]]]],
+                 on_change: Callable[[], None]) -> None:
+        self.node = node
+        self.candidates = candidates
+        self.on_change = on_change
+        self.state = RelayState()
+        self.moves = 0
+        self._banned: dict[str, float] = {}
+        self._missed = 0
+        self._lost = False  # the relay stopped answering pings though its connection looks open
+
+    async def _ping_relay(self) -> None:
+        from mesh.net.client import ping  # the client module builds on this one
+
+        try:
+            await ping(self.node, self.state.relay_id, count=1, timeout=PING_TIMEOUT)
+            self._missed = 0
+        except Exception as e:
+            self._missed += 1
+            log.info("relay %s did not answer a ping (%d/%d): %s", self.state.relay_id[-8:], self._missed,
+                     MISSED_PINGS, e)
+            if self._missed >= MISSED_PINGS:
+                self._missed, self._lost = 0, True
+                with trio.move_on_after(2):
+                    try:
+                        await self.node.host.disconnect(ID.from_base58(self.state.relay_id))
+                    except Exception:
+                        pass
+
+    def _alive(self) -> bool:
+        relay = self.state.relay_id
+        return bool(relay) and not self._lost and relay in self.node.connected_peers()
+
+    async def _reserve_somewhere(self) -> bool:
+        now = time.monotonic()
+        options = [(p, a) for p, a in self.candidates() if self._banned.get(p, 0) < now and p != self.node.peer_id]
+        for peer, addrs in options:
+            try:
+                with trio.fail_after(10):
+                    if peer not in self.node.connected_peers():
+                        await self.node.connect(next(a for a in addrs if not is_circuit(a)))
+                    expire = await reserve(self.node.host, ID.from_base58(peer))
+            except Exception as e:
+                log.info("relay %s refused a slot: %s", peer[-8:], str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._banned[peer] = now + 30
+                continue
+            mine = circuit_addrs([a for a in addrs if not is_circuit(a)], peer, self.node.peer_id)
+            self.state = RelayState(peer, mine, expire, time.monotonic())
+            self._lost = False
+            self.node.relay_addrs = mine
+            log.info("reachable through relay %s (slot until %s)", peer[-8:], time.strftime("%H:%M:%S", time.localtime(expire)))
+            return True
+        return False
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Reserve (returning to the caller once the first slot is held or none is to be had), then keep it."""
+        started = False
+        next_ping = 0.0
+        while True:
+            if self._alive() and time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + PING_PERIOD
+                await self._ping_relay()
+            if not self._alive():
+                if self.state.relay_id:
+                    log.warning("relay %s is gone: looking for another", self.state.relay_id[-8:])
+                    self._banned[self.state.relay_id] = time.monotonic() + 60
+                    self.state = RelayState()
+                    self.node.relay_addrs = []
+                    self.moves += 1
+                    self.on_change()
+                if await self._reserve_somewhere():
+                    self.on_change()
+                elif not started:
+                    log.warning("no relay could give a slot yet: unreachable until one does")
+            elif self.state.expire - time.time() < 120:
+                try:
+                    with trio.fail_after(10):
+                        self.state.expire = await reserve(self.node.host, ID.from_base58(self.state.relay_id))
+                except Exception as e:
+                    log.info("refreshing the relay slot failed: %s", e)
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(WATCH_PERIOD * random.uniform(0.8, 1.2))
+
+
+async def establish_reachability(node, candidates: Callable[[], list[tuple[str, list[str]]]],
+                                 on_change: Callable[[], None]) -> RelaySlot | None:
+    """Find out whether peers can dial us; if not, hold a relay slot (kept by a task in the node's nursery)
+    until the node closes. A node with no peer to ask (the first of a swarm) counts as dialable."""
+    dialable, worked = await check_dialable(node, node.connected_peers())
+    if dialable is False:
+        node.relay_addrs = []
+        log.warning("peers cannot dial this node (dial-back failed): serving through a relay")
+        slot = RelaySlot(node, candidates, on_change)
+        await node.nursery.start(slot.run)
+        return slot
+    node.observed_addrs = worked
+    if dialable:
+        log.info("dialable at %s (confirmed by dial-back)", ", ".join(worked))
+    else:
+        log.info("no peer to confirm this node is dialable; assuming it is")
+    return None
