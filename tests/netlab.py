@@ -176,6 +176,20 @@ class Lab:
         self.procs.append(proc)
         return proc
 
+    def rtt(self, a: LabHost, b: LabHost, count: int = 20, size: int = 1000) -> float:
+        """Median round trip (s) of `size`-byte request/responses on one TCP connection from a to b."""
+        server = self.popen(b, [sys.executable, "-c", _ECHO, b.ip], stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            done = subprocess.run(["ip", "netns", "exec", a.ns, sys.executable, "-c", _PING, b.public_ip, port,
+                                   str(count), str(size)], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip())
+            return float(done.stdout)
+        finally:
+            server.kill()
+            server.wait(timeout=10)
+
     def _stop_delay(self) -> None:
         if self._delay is not None and self._delay.poll() is None:
             self._delay.send_signal(signal.SIGTERM)
@@ -198,3 +212,30 @@ class Lab:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self.namespaces.clear()
+
+
+_ECHO = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := c.recv(65536):
+    c.sendall(data)
+"""
+
+_PING = """
+import socket, statistics, sys, time
+host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = socket.create_connection((host, port), timeout=10)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+times = []
+for _ in range(count):
+    t0 = time.perf_counter()
+    c.sendall(bytes(size))
+    got = 0
+    while got < size:
+        got += len(c.recv(65536))
+    times.append(time.perf_counter() - t0)
+print(statistics.median(times))
+"""
