@@ -5,6 +5,9 @@ server's compute for its part of the span (blocks / per-block throughput) and th
 into it (half an RTT: client → first server, server → next server, last server → client, because outputs
 are pushed server to server). Chains may switch servers at any block where spans overlap, never to the
 same server twice in a row. It is a shortest path over states (block, server) solved with Dijkstra.
+
+A relayed server (behind a NAT, reached through a relay) costs an extra link each way. Measured RTTs
+already include it; where nothing was measured yet, the default RTT is doubled for each relayed end.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Candidate:
     end: int
     throughput: float  # tokens/s per block in decoding
     next_pings: Mapping[str, float] = field(default_factory=dict)  # RTT to other servers, seconds
+    relayed: bool = False  # reached through a relay: one more link on every path to it
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,12 @@ def link_rtt(a: Candidate, b: Candidate, default: float = DEFAULT_RTT) -> float:
         return a.next_pings[b.peer_id]
     if a.peer_id in b.next_pings:
         return b.next_pings[a.peer_id]
-    return default
+    return default * (1 + a.relayed + b.relayed)
+
+
+def client_link_rtt(client_rtt: Mapping[str, float], s: Candidate, default: float = DEFAULT_RTT) -> float:
+    """RTT between the client and a server as the client measured it, else a default."""
+    return client_rtt.get(s.peer_id, default * (1 + s.relayed))
 
 
 def min_latency_chain(servers: Sequence[Candidate], start: int, end: int,
@@ -62,7 +71,7 @@ def min_latency_chain(servers: Sequence[Candidate], start: int, end: int,
         return (b - a) / max(s.throughput, 1e-9)
 
     def rtt_from_client(s: Candidate) -> float:
-        return client_rtt.get(s.peer_id, default_rtt)
+        return client_link_rtt(client_rtt, s, default_rtt)
 
     # state: (position, index of the server that covered the blocks just before it; -1 = client)
     best: dict[tuple[int, int], float] = {(start, -1): 0.0}
@@ -122,10 +131,10 @@ def chain_time(chain: Sequence[Hop], servers: Mapping[str, Candidate], client_rt
     for i, hop in enumerate(chain):
         s = servers[hop.peer_id]
         total += (hop.end - hop.start) / max(s.throughput, 1e-9)
-        total += (client_rtt.get(s.peer_id, default_rtt) if i == 0
+        total += (client_link_rtt(client_rtt, s, default_rtt) if i == 0
                   else link_rtt(servers[chain[i - 1].peer_id], s, default_rtt)) / 2
     if chain:
-        total += client_rtt.get(chain[-1].peer_id, default_rtt) / 2
+        total += client_link_rtt(client_rtt, servers[chain[-1].peer_id], default_rtt) / 2
     return total
 
 

@@ -96,7 +96,7 @@ def is_exact(info: ServerInfo) -> bool:
 def candidates(servers: list[ServerInfo], throughput: bool = False) -> list[Candidate]:
     """Routing's view of servers: per-block decode rates (latency), or announced throughput (load)."""
     return [Candidate(s.peer_id, s.start, s.end, (s.throughput if throughput else s.inference_rps) or 1.0,
-                      dict(s.next_pings)) for s in servers]
+                      dict(s.next_pings), s.relayed) for s in servers]
 
 
 class InferenceSession:

@@ -51,6 +51,20 @@ def test_uses_announced_server_links():
     assert [h.peer_id for h in chain] == ["a", "c"]
 
 
+def test_a_relayed_server_pays_the_relay_hop_until_measured():
+    """Unmeasured, a relayed server's links count twice the default RTT; measured RTTs decide alone."""
+    servers = [Candidate("a", 0, 10, 100), Candidate("nat", 10, 20, 120, relayed=True),
+               Candidate("open", 10, 20, 100)]
+    assert [h.peer_id for h in min_latency_chain(servers, 0, 20, {})] == ["a", "open"]
+    by_id = {s.peer_id: s for s in servers}
+    unmeasured = chain_time([Hop("a", 0, 10), Hop("nat", 10, 20)], by_id, {})
+    direct = chain_time([Hop("a", 0, 10), Hop("open", 10, 20)], by_id, {})
+    assert unmeasured - direct == pytest.approx(0.05 + 10 / 120 - 10 / 100)  # (1 extra RTT both ways) / 2 each
+    measured = {"a": 0.01, "nat": 0.02, "open": 0.02}
+    servers[0] = Candidate("a", 0, 10, 100, {"nat": 0.02, "open": 0.02})
+    assert [h.peer_id for h in min_latency_chain(servers, 0, 20, measured)] == ["a", "nat"]
+
+
 def test_gap_raises_with_the_block():
     with pytest.raises(NoRoute) as err:
         min_latency_chain([Candidate("a", 0, 10, 1), Candidate("b", 12, 20, 1)], 0, 20)
