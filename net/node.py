@@ -199,9 +199,15 @@ class Node:
 
     async def connect(self, addr: str | PeerInfo, *, timeout: float | None = None) -> str:
         info = parse_peer_addr(addr) if isinstance(addr, str) else addr
+        circuit = isinstance(addr, str) and relay.is_circuit(addr)  # a relayed server's printed address
+        if circuit:
+            self.remember(info.peer_id.to_base58(), [addr])
         try:
             with trio.fail_after(timeout or self.config.connect_timeout):
-                await self.host.connect(info)
+                if circuit:
+                    await self._dial_circuit_if_needed(info.peer_id.to_base58())
+                else:
+                    await self.host.connect(info)
         except trio.TooSlowError as e:
             raise PeerUnavailable(f"no connection to {_short(info.peer_id.to_base58())} within "
                                   f"{timeout or self.config.connect_timeout:.0f} s") from e
@@ -348,20 +354,19 @@ async def _close_host(host) -> None:
 async def _join(node: Node, peers: list[str]) -> None:
     if not peers:
         return
-    infos = [parse_peer_addr(p) for p in peers]
     reached: list[str] = []
 
-    async def one(info: PeerInfo) -> None:
+    async def one(addr: str) -> None:
         try:
-            reached.append(await node.connect(info))
+            reached.append(await node.connect(addr))
         except PeerUnavailable as e:
             log.warning("initial peer unreachable: %s", e)
 
     async with trio.open_nursery() as n:
-        for info in infos:
-            n.start_soon(one, info)
+        for addr in peers:
+            n.start_soon(one, addr)
     if not reached:
-        raise PeerUnavailable(f"none of the {len(infos)} initial peers answered",
+        raise PeerUnavailable(f"none of the {len(peers)} initial peers answered",
                               hint="check the addresses (mesh serve prints them) and that the peers are up")
     for peer in reached:
         with trio.move_on_after(2.0):
@@ -369,7 +374,7 @@ async def _join(node: Node, peers: list[str]) -> None:
                 await node.dht.add_peer(ID.from_base58(peer))
             except Exception as e:  # the DHT is a supplement; a peer without it is still usable
                 log.debug("dht add_peer %s: %s", _short(peer), _one_line(e))
-    log.info("joined the swarm through %d of %d initial peers", len(reached), len(infos))
+    log.info("joined the swarm through %d of %d initial peers", len(reached), len(peers))
 
 
 def _protocol_refused(e: BaseException | None) -> bool:
