@@ -20,6 +20,7 @@ Needs root (namespaces, tc, iptables). `unavailable()` says why the lab cannot r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ NFQDELAY = Path(__file__).with_name("nfqdelay.py")
 QUEUE = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabHost:
     name: str
     ns: str
@@ -57,6 +58,15 @@ def unavailable() -> str | None:
     return None
 
 
+def _remove_orphans() -> None:
+    """Delete namespaces of labs whose process died without cleaning up (killed test runs)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for name in listed:
+        match = re.fullmatch(r"ml(\d+)[.-].*", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 def _run(*argv: str, ns: str | None = None) -> None:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -66,7 +76,7 @@ def _run(*argv: str, ns: str | None = None) -> None:
 
 class Lab:
     def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = prefix or f"ml{os.getpid() % 100000}"
+        self.prefix = prefix or f"ml{os.getpid()}"
         self.hub = f"{self.prefix}.hub"
         self.namespaces: list[str] = []
         self.hosts: dict[str, LabHost] = {}
@@ -76,6 +86,7 @@ class Lab:
         self._nats = 0
 
     def __enter__(self) -> "Lab":
+        _remove_orphans()
         try:
             self._ns(self.hub)
             _run("ip", "link", "add", "br0", "type", "bridge", ns=self.hub)
@@ -143,13 +154,17 @@ class Lab:
         self.hosts[name] = LabHost(name, ns, private, "eth0", public, router_ns=router, hub_port=f"r{k}")
         return self.hosts[name]
 
-    def delay(self, one_way_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0) -> None:
-        """Delay every packet crossing the hub (host to host) by `one_way_ms`, in a real-time process."""
+    def delay(self, one_way_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0,
+              links: dict[tuple[LabHost, LabHost], float] | None = None) -> None:
+        """Delay every packet crossing the hub (host to host) by `one_way_ms` (± `jitter_ms`, dropping
+        `loss_pct` %), or by `links[(src, dst)]` ms for the given directed links, in a real-time process."""
         if self._delay is not None:
             raise RuntimeError("the delay stage is already running")
         _run("iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass", ns=self.hub)
         argv = [sys.executable, str(NFQDELAY), "--queue", str(QUEUE), "--delay-ms", str(one_way_ms),
                 "--jitter-ms", str(jitter_ms), "--loss", str(loss_pct)]
+        for (src, dst), ms in (links or {}).items():
+            argv += ["--rule", src.public_ip, dst.public_ip, str(ms)]
         rt = ["chrt", "-f", "20"] if shutil.which("chrt") else []
         self._delay = subprocess.Popen(["ip", "netns", "exec", self.hub, *rt, *argv], stdout=subprocess.PIPE,
                                        text=True, start_new_session=True)
