@@ -30,7 +30,7 @@ import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
@@ -248,8 +248,9 @@ class RelaySlot:
         for peer, addrs in options:
             try:
                 with trio.fail_after(10):
-                    if peer not in self.node.connected_peers():
-                        await self.node.connect(next(a for a in addrs if not is_circuit(a)))
+                    if peer not in self.node.connected_peers():  # try each direct address in turn
+                        direct = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs if not is_circuit(a)]
+                        await self.node.connect(PeerInfo(ID.from_base58(peer), direct))
                     expire = await reserve(self.node.host, ID.from_base58(peer))
             except Exception as e:
                 log.info("relay %s refused a slot: %s", peer[-8:], str(e).splitlines()[0] if str(e) else type(e).__name__)

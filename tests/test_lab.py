@@ -75,13 +75,17 @@ def relay_of(addr: str) -> str:
 
 @pytest.mark.parametrize("nat", ["cone", "symmetric"])
 def test_server_behind_nat_serves_through_a_relay(lab, tiny30, expected, tmp_path, nat):
-    """No inbound connection reaches the NAT'ed server; a client behind a cone NAT generates through it,
-    and DCUtR upgrades their connection to a direct one where both NATs are cone NATs."""
-    public, home, user = lab.host("public"), lab.nat_host("home", nat), lab.nat_host("user", "cone")
-    first = serve(lab, public, tiny30, "0:15", tmp_path / "public.log")
+    """No inbound connection reaches the NAT'ed servers; a client behind a cone NAT generates through
+    them (the first of them pushes to the second through a relay too), and DCUtR upgrades the client's
+    connection to a direct one where both NATs are cone NATs."""
+    public, home, office = lab.host("public"), lab.nat_host("home", nat), lab.nat_host("office", "cone")
+    user = lab.nat_host("user", "cone")
+    first = serve(lab, public, tiny30, "0:10", tmp_path / "public.log")
     boot = first.wait_ready_sync(60)
-    hidden = serve(lab, home, tiny30, "15:30", tmp_path / "home.log", [boot])
+    hidden = serve(lab, home, tiny30, "10:20", tmp_path / "home.log", [boot])
+    last = serve(lab, office, tiny30, "20:30", tmp_path / "office.log", [boot])
     addr = hidden.wait_ready_sync(90)
+    last.wait_ready_sync(90)
     assert "/p2p-circuit/" in addr and relay_of(addr) == first.peer_id, hidden.output()[-2000:]
     assert "peers cannot dial this node" in hidden.output()
 
@@ -98,7 +102,8 @@ def test_server_behind_nat_serves_through_a_relay(lab, tiny30, expected, tmp_pat
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr[-2000:]
     servers = {s["peer_id"]: s for s in json.loads(status.stdout)["models"][0]["servers"]}
-    assert servers[hidden.peer_id]["relayed"] is True and servers[first.peer_id]["relayed"] is False
+    assert servers[hidden.peer_id]["relayed"] is True and servers[last.peer_id]["relayed"] is True
+    assert servers[first.peer_id]["relayed"] is False
 
 
 # docs/architecture.md states these bounds: a relay whose connections close is replaced within 5 s,
