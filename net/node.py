@@ -11,6 +11,8 @@
   in go-yamux; per-token steps got ~10% faster through 3 servers.
 - Leaving `host.run()` leaks connections and tasks: `open_node` always awaits `host.close()`, shielded
   and bounded, before leaving.
+- The swarm's dialer skips `/p2p-circuit` addresses: `remember` keeps a relayed peer's addresses aside
+  and `stream` dials them through the relay itself (`net/relay.py`), one dial per peer at a time.
 - GossipSub defaults drop messages (heartbeat 120 s, 10 msg/s spam limit, IP-diversity rule that refuses
   a mesh of peers on one address, a 32-message subscription queue): we set heartbeat 1 s, turn both
   protections off (messages are signed and validated instead) and subscribe with a deep queue. The

@@ -198,8 +198,7 @@ async def check_dialable(node, peers: list[str]) -> tuple[bool | None, list[str]
 class RelayState:
     relay_id: str = ""
     addrs: list[str] = field(default_factory=list)  # our circuit addresses through it
-    expire: float = 0.0
-    since: float = 0.0
+    expire: float = 0.0  # unix time, as the relay set it
 
 
 class RelaySlot:
@@ -215,7 +214,6 @@ class RelaySlot:
         self.candidates = candidates
         self.on_change = on_change
         self.state = RelayState()
-        self.moves = 0
         self._banned: dict[str, float] = {}
         self._missed = 0
         self._lost = False  # the relay stopped answering pings though its connection looks open
@@ -253,11 +251,11 @@ class RelaySlot:
                         await self.node.connect(PeerInfo(ID.from_base58(peer), direct))
                     expire = await reserve(self.node.host, ID.from_base58(peer))
             except Exception as e:
-                log.info("relay %s refused a slot: %s", peer[-8:], str(e).splitlines()[0] if str(e) else type(e).__name__)
+                log.info("no slot on relay %s: %s", peer[-8:], str(e).splitlines()[0] if str(e) else type(e).__name__)
                 self._banned[peer] = now + 30
                 continue
             mine = circuit_addrs([a for a in addrs if not is_circuit(a)], peer, self.node.peer_id)
-            self.state = RelayState(peer, mine, expire, time.monotonic())
+            self.state = RelayState(peer, mine, expire)
             self._lost = False
             self.node.relay_addrs = mine
             log.info("reachable through relay %s (slot until %s)", peer[-8:], time.strftime("%H:%M:%S", time.localtime(expire)))
@@ -278,7 +276,6 @@ class RelaySlot:
                     self._banned[self.state.relay_id] = time.monotonic() + 60
                     self.state = RelayState()
                     self.node.relay_addrs = []
-                    self.moves += 1
                     self.on_change()
                 if await self._reserve_somewhere():
                     self.on_change()

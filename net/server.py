@@ -36,7 +36,7 @@ from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                                InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, SessionOpened, Step)
 from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr, short_id
-from mesh.net.relay import establish_reachability
+from mesh.net.relay import establish_reachability, is_circuit
 from mesh.net.latency import RttTracker
 from mesh.net.sessions import ServerSession
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
@@ -539,11 +539,12 @@ def relay_candidates(swarm: Swarm, node_config: NodeConfig) -> list[tuple[str, l
                if not i.relayed and i.addrs]
     random.shuffle(servers)
     out = [(i.peer_id, i.addrs) for i in servers if i.peer_id in connected]
-    for addr in node_config.initial_peers:
-        out.append((parse_peer_addr(addr).peer_id.to_base58(), [addr]))
+    out += [(parse_peer_addr(a).peer_id.to_base58(), [a]) for a in node_config.initial_peers if not is_circuit(a)]
     out += [(i.peer_id, i.addrs) for i in servers if i.peer_id not in connected]
-    seen: set[str] = set()
-    return [(p, a) for p, a in out if not (p in seen or seen.add(p))]
+    unique: dict[str, list[str]] = {}
+    for peer, addrs in out:
+        unique.setdefault(peer, addrs)
+    return list(unique.items())
 
 
 async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
