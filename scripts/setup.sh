@@ -9,15 +9,17 @@ PY=${PYTHON:-python3}
 need_apt=()
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 [ -e /usr/include/gmp.h ] || ls /usr/include/*/gmp.h >/dev/null 2>&1 || need_apt+=(libgmp-dev)
-# The network lab (tests marked netns, bench/wan.py) needs iptables for NAT and NFQUEUE; only as root,
-# elsewhere those tests skip and say why.
-if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v iptables >/dev/null 2>&1; then
-    need_apt+=(iptables)
-fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "setup: installing system packages: ${need_apt[*]}"
+    echo "setup: installing system packages for libp2p's fastecdsa build: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+# The network lab (tests marked netns, bench/wan.py) needs iptables for NAT and NFQUEUE. Optional: only
+# as root, and a failure only means those tests skip and say why.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v iptables >/dev/null 2>&1; then
+    echo "setup: installing iptables for the network lab"
+    { apt-get update -qq && apt-get install -y -qq iptables; } \
+        || echo "setup: could not install iptables; the network-lab tests will be skipped"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

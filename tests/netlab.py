@@ -58,6 +58,11 @@ def unavailable() -> str | None:
     return None
 
 
+def _realtime_allowed() -> bool:
+    return shutil.which("chrt") is not None and subprocess.run(["chrt", "-f", "20", "true"],
+                                                                capture_output=True).returncode == 0
+
+
 def _remove_orphans() -> None:
     """Delete namespaces of labs whose process died without cleaning up (killed test runs)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -165,7 +170,7 @@ class Lab:
                 "--jitter-ms", str(jitter_ms), "--loss", str(loss_pct)]
         for (src, dst), ms in (links or {}).items():
             argv += ["--rule", src.public_ip, dst.public_ip, str(ms)]
-        rt = ["chrt", "-f", "20"] if shutil.which("chrt") else []
+        rt = ["chrt", "-f", "20"] if _realtime_allowed() else []  # precise release times on a busy machine
         self._delay = subprocess.Popen(["ip", "netns", "exec", self.hub, *rt, *argv], stdout=subprocess.PIPE,
                                        text=True, start_new_session=True)
         line = self._delay.stdout.readline().strip()
