@@ -84,7 +84,6 @@ class Lab:
         self.prefix = prefix or f"ml{os.getpid()}"
         self.hub = f"{self.prefix}.hub"
         self.namespaces: list[str] = []
-        self.hosts: dict[str, LabHost] = {}
         self.procs: list[subprocess.Popen] = []
         self._delay: subprocess.Popen | None = None
         self._public = 0
@@ -125,8 +124,7 @@ class Lab:
         self._port(ns, "eth0", port)
         _run("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
         _run("ip", "link", "set", "eth0", "up", ns=ns)
-        self.hosts[name] = LabHost(name, ns, ip, "eth0", ip, hub_port=port)
-        return self.hosts[name]
+        return LabHost(name, ns, ip, "eth0", ip, hub_port=port)
 
     def nat_host(self, name: str, kind: str = "cone") -> LabHost:
         """A host on a private network behind its own NAT router; nothing can dial in."""
@@ -156,8 +154,7 @@ class Lab:
         # without this, an early inbound packet makes a conntrack entry that remaps the outbound port
         _run("iptables", "-A", "INPUT", "-i", "pub0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT", ns=router)
         _run("iptables", "-A", "INPUT", "-i", "pub0", "-j", "DROP", ns=router)
-        self.hosts[name] = LabHost(name, ns, private, "eth0", public, router_ns=router, hub_port=f"r{k}")
-        return self.hosts[name]
+        return LabHost(name, ns, private, "eth0", public, router_ns=router, hub_port=f"r{k}")
 
     def delay(self, one_way_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0,
               links: dict[tuple[LabHost, LabHost], float] | None = None) -> None:

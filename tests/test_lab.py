@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import netlab
-from procs import MeshProcess
+from procs import MESH, MeshProcess
 
 REASON = netlab.unavailable()
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -99,7 +99,7 @@ def test_server_behind_nat_serves_through_a_relay(lab, tiny30, expected, tmp_pat
     else:  # a symmetric NAT maps each destination to a new port: no hole to punch, the relay stays
         assert via == {"relayed"}, report
 
-    status = subprocess.run(["ip", "netns", "exec", user.ns, *_mesh("status", "--json", "--initial-peers", boot)],
+    status = subprocess.run(["ip", "netns", "exec", user.ns, *MESH, "status", "--json", "--initial-peers", boot],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr[-2000:]
     servers = {s["peer_id"]: s for s in json.loads(status.stdout)["models"][0]["servers"]}
@@ -148,7 +148,3 @@ def test_relay_dies_and_the_server_moves_to_another(lab, tiny30, expected, tmp_p
     print(f"new relay slot {recovered:.1f} s after the kill; a new client generated through it "
           f"{reached:.1f} s after (client start-up included)")
     assert recovered < RELAY_RECOVERY_S[death]
-
-
-def _mesh(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesh.cli", *args]
