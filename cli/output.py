@@ -57,15 +57,36 @@ def _print_error(e: BaseException) -> None:
 
 
 def setup_logging(verbose: int) -> None:
-    """-v shows what the node does (INFO), -vv adds mesh's details (DEBUG), -vvv adds libp2p's own."""
+    """-v shows what the node does (INFO), -vv adds mesh's details (DEBUG), -vvv adds libp2p's own.
+
+    A terminal gets rich's columns; a file or a pipe gets one plain line per record, never wrapped, so a
+    log can be searched for a whole address or peer id.
+    """
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = RichHandler(console=stderr(), show_path=False)
-    if verbose < 3:  # libp2p logs routine events (dials, DHT reads) at INFO and even WARNING
-        handler.addFilter(lambda r: not r.name.startswith("libp2p") or r.levelno >= logging.ERROR)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[handler],
-                        force=True)
+    console = stderr()
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="%H:%M:%S"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if verbose < 3:  # libp2p (and multiaddr) log routine events (dials, DHT reads) at INFO and even WARNING
+        handler.addFilter(lambda r: not r.name.startswith(_CHATTY) or r.levelno >= logging.ERROR)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # libp2p's logger does not propagate by default, so its messages would bypass this configuration.
     logging.getLogger("libp2p").propagate = True
+
+
+_CHATTY = ("libp2p", "multiaddr", "root")
+
+
+class _PlainFormatter(logging.Formatter):
+    """One line per record: newlines inside a message or a traceback are escaped."""
+
+    default_msec_format = "%s.%03d"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
 
 
 def parse_dtype(name: str):

@@ -26,6 +26,7 @@ def status(
     import trio
 
     from mesh.model.errors import MeshError
+    from mesh.net.client import ping  # noqa: F401  (imported before joining: see _collect)
     from mesh.net.node import open_node
     from mesh.net.swarm import open_swarm
 
@@ -82,15 +83,33 @@ def _model_id(ref: str) -> str:
 
 
 async def _collect(swarm, model_id: str | None, timeout: float) -> None:
+    """Snapshots from every connected peer, then the models' gossip.
+
+    Everything this needs is imported before the node starts: a table is soft state that expires a few
+    announcement periods after it was heard, and an import that blocks the event loop for seconds (torch,
+    transformers on a loaded machine) once left the table to expire before it was printed.
+    """
     import trio
+
+    from mesh.net.node import short_id
 
     if model_id is not None:
         await swarm.discover(model_id, timeout=timeout)
         return
+    failures: dict[str, str] = {}
+
+    async def one(peer: str) -> None:
+        try:
+            await swarm.fetch_snapshot(peer, "", timeout)
+        except Exception as e:
+            failures[peer] = f"{type(e).__name__}: {e}".splitlines()[0]
+
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as n:
             for peer in swarm.node.connected_peers():
-                n.start_soon(swarm._try_snapshot, peer, "", timeout)
+                n.start_soon(one, peer)
+    for peer, why in failures.items():
+        stderr().print(f"mesh status: peer {short_id(peer)} sent no table: {why}", highlight=False, soft_wrap=True)
     for mid in {i.model_id for i in swarm.table.all()}:
         await swarm.follow(mid)
 

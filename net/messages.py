@@ -113,6 +113,7 @@ class SnapshotRequest(Message):
 @dataclass
 class Snapshot(Message):
     servers: list = field(default_factory=list)  # ServerInfo wire dicts
+    ages: list = field(default_factory=list)  # seconds since the sender last heard each one
 
 
 @dataclass

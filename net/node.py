@@ -362,7 +362,7 @@ async def _join(node: Node, peers: list[str]) -> None:
         try:
             reached.append(await node.connect(addr))
         except PeerUnavailable as e:
-            log.warning("initial peer unreachable: %s", e)
+            log.warning("initial peer %s unreachable: %s", addr, e.one_line())
 
     async with trio.open_nursery() as n:
         for addr in peers:

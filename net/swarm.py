@@ -98,24 +98,43 @@ def provider_key(model_id: str) -> str:
 
 
 class SwarmTable:
-    """Soft state: each entry lives until its timestamp + ttl; an OFFLINE announcement removes it at once."""
+    """Soft state: each entry lives until `ttl` seconds after this node last heard it; an OFFLINE
+    announcement removes it at once.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    Expiry runs on this node's own monotonic clock, never on the announcer's wall clock: peers' clocks
+    disagree by seconds or minutes across the internet. An entry learned second-hand (a snapshot) is
+    aged by what its sender reports, so it gets no longer a life than the sender would give it. The
+    announcer's `timestamp` only orders two announcements of the same server.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._entries: dict[str, ServerInfo] = {}
+        self._heard: dict[str, float] = {}  # peer id -> when this node last heard it (self.clock)
         self.changed = trio.Event()
 
-    def update(self, info: ServerInfo) -> None:
+    def update(self, info: ServerInfo, age: float = 0.0) -> None:
+        """Merge an announcement heard `age` seconds ago (0: just now, from its own author)."""
         old = self._entries.get(info.peer_id)
         if old is not None and old.timestamp > info.timestamp:
             return  # a late copy of an older announcement
         if info.state == ServerState.OFFLINE:
             self._entries.pop(info.peer_id, None)
+            self._heard.pop(info.peer_id, None)
         else:
+            heard = self.clock() - min(max(age, 0.0), info.ttl)
+            if old is not None and old.timestamp == info.timestamp:
+                heard = max(heard, self._heard.get(info.peer_id, heard))  # the same words, heard again
             self._entries[info.peer_id] = info
+            self._heard[info.peer_id] = heard
         self._notify()
 
+    def age(self, peer_id: str) -> float:
+        """Seconds since this node last heard `peer_id`'s announcement."""
+        return self.clock() - self._heard[peer_id]
+
     def remove(self, peer_id: str) -> None:
+        self._heard.pop(peer_id, None)
         if self._entries.pop(peer_id, None) is not None:
             self._notify()
 
@@ -126,8 +145,9 @@ class SwarmTable:
     def expire(self) -> None:
         now = self.clock()
         for peer, info in list(self._entries.items()):
-            if info.timestamp + info.ttl < now:
-                log.info("server %s expired (silent for %.0f s)", short_id(peer), now - info.timestamp)
+            silent = now - self._heard[peer]
+            if silent > info.ttl:
+                log.info("server %s expired (silent for %.0f s)", short_id(peer), silent)
                 self.remove(peer)
 
     def servers(self, model_id: str | None = None, states: tuple[ServerState, ...] = (ServerState.ONLINE,)
@@ -227,8 +247,9 @@ class Swarm:
     def serve_snapshots(self) -> None:
         async def handle(stream) -> None:
             req = SnapshotRequest.from_wire(await wire.read_frame(stream, timeout=10))
-            servers = [i.to_wire() for i in self.table.all(req.model_id or None)]
-            await wire.write_frame(stream, Snapshot(servers).to_wire())
+            infos = self.table.all(req.model_id or None)
+            reply = Snapshot([i.to_wire() for i in infos], [round(self.table.age(i.peer_id), 3) for i in infos])
+            await wire.write_frame(stream, reply.to_wire())
 
         self.node.set_handler("swarm", handle)
 
@@ -237,14 +258,16 @@ class Swarm:
         reply = await self.node.request(peer_id, "swarm", SnapshotRequest(model_id), timeout=timeout,
                                         reply=Snapshot)
         count = 0
-        for d in reply.servers:
+        ages = reply.ages if len(reply.ages) == len(reply.servers) else [None] * len(reply.servers)
+        for d, age in zip(reply.servers, ages):
             try:
                 info = ServerInfo.from_wire(d)
             except Exception:
                 continue
             if info.peer_id != self.node.peer_id:
                 self.node.remember(info.peer_id, info.addrs)
-                self.table.update(info)
+                # without the sender's age (an older peer), assume the worst but one announcement period
+                self.table.update(info, age if isinstance(age, (int, float)) else info.ttl / 3)
                 count += 1
         return count
 

@@ -13,16 +13,21 @@ from pathlib import Path
 import trio
 
 MESH = [sys.executable, "-m", "mesh.cli"]
+# `mesh` with its wall clock (time.time) off by argv[1] seconds, as a peer's clock may be across the internet
+SKEWED_MESH = [sys.executable, "-c", "import sys, time; real, skew = time.time, float(sys.argv.pop(1)); "
+               "time.time = lambda: real() + skew; from mesh.cli.main import app; app(prog_name='mesh')"]
 LISTENING = re.compile(r"^mesh: listening on (\S+)$", re.M)
 
 
 class MeshProcess:
-    def __init__(self, args: list[str], log: Path, env: dict | None = None, netns: str | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, netns: str | None = None,
+                 clock_skew: float = 0.0) -> None:
         self.args = args
         self.log = log
         self._file = open(log, "w")
         inside = ["ip", "netns", "exec", netns] if netns else []  # execs: the PID stays the program's
-        self.proc = subprocess.Popen([*inside, *MESH, *args], stdout=self._file, stderr=subprocess.STDOUT,
+        command = [*SKEWED_MESH, str(clock_skew)] if clock_skew else MESH
+        self.proc = subprocess.Popen([*inside, *command, *args], stdout=self._file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self.addr: str | None = None
 
@@ -84,12 +89,13 @@ class MeshProcess:
         self._file.close()
 
 
-def serve(folder: Path | str, blocks: str, log: Path, peers: list[str] = (), *extra: str) -> MeshProcess:
+def serve(folder: Path | str, blocks: str, log: Path, peers: list[str] = (), *extra: str,
+          clock_skew: float = 0.0) -> MeshProcess:
     args = ["serve", str(folder), "--blocks", blocks, "--listen", "/ip4/127.0.0.1/tcp/0", "--new-identity",
             "--announce-period", "1", "--threads", "1", *extra]
     for p in peers:
         args += ["--initial-peers", p]
-    return MeshProcess(args, log, env={"HF_HUB_OFFLINE": "1"})
+    return MeshProcess(args, log, env={"HF_HUB_OFFLINE": "1"}, clock_skew=clock_skew)
 
 
 async def run_mesh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:

@@ -115,18 +115,33 @@ async def test_unreachable_initial_peers_fail_clearly():
 
 
 def test_table_expiry_and_offline():
-    now = [1000.0]
+    now = [50.0]
     table = SwarmTable(clock=lambda: now[0])
     table.update(ServerInfo("a", "m", 0, 4, ServerState.ONLINE, timestamp=1000.0, ttl=5))
     table.update(ServerInfo("b", "m", 4, 8, ServerState.ONLINE, timestamp=1000.0, ttl=50))
     assert table.coverage("m", 8) == [1] * 8
-    now[0] = 1006.0
+    now[0] = 56.0
     assert [i.peer_id for i in table.servers("m")] == ["b"]
     table.update(ServerInfo("b", "m", 4, 8, ServerState.OFFLINE, timestamp=1006.0))
     assert table.servers("m") == []
     table.update(ServerInfo("c", "m", 0, 8, ServerState.ONLINE, timestamp=1006.0))
     table.update(ServerInfo("c", "m", 0, 2, ServerState.ONLINE, timestamp=1001.0))  # stale copy
     assert table.get("c").end == 8
+
+
+def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
+    """A server whose wall clock is a minute behind (or ahead) is live for its ttl after we hear it;
+    an entry learned from a snapshot keeps only what its sender says is left of its life."""
+    now = [100.0]
+    table = SwarmTable(clock=lambda: now[0])
+    table.update(ServerInfo("behind", "m", 0, 4, ServerState.ONLINE, timestamp=time.time() - 60, ttl=3))
+    table.update(ServerInfo("ahead", "m", 4, 8, ServerState.ONLINE, timestamp=time.time() + 60, ttl=3))
+    table.update(ServerInfo("relayed", "m", 0, 8, ServerState.ONLINE, timestamp=time.time(), ttl=3), age=2.0)
+    now[0] = 102.5
+    assert [i.peer_id for i in table.servers("m")] == ["behind", "ahead"]
+    assert table.age("behind") == pytest.approx(2.5)
+    now[0] = 103.5
+    assert table.servers("m") == []
 
 
 async def test_gossip_crosses_a_chain_and_bursts_are_not_dropped():
