@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from mesh.net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, default_identity_path, env_initial_peers
+from mesh.net.identity import default_identity_path
+from mesh.net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
                       "Without any, a server starts a new swarm.")
@@ -19,6 +20,7 @@ def initial_peers_option():
 def node_config(initial_peers: list[str] | None, listen: list[str] | None = None, identity: Path | None = None,
                 *, server: bool = True, ephemeral: bool = False) -> NodeConfig:
     peers = list(initial_peers or []) or env_initial_peers()
+    default_listen = server and not listen
     if server:
         listen = list(listen or DEFAULT_LISTEN)
         identity_path = None if ephemeral else (identity or default_identity_path())
@@ -26,4 +28,5 @@ def node_config(initial_peers: list[str] | None, listen: list[str] | None = None
         listen = list(listen or [])
         identity_path = identity
     return NodeConfig(listen=listen, initial_peers=peers, identity_path=identity_path,
+                      identity_fallback=server and identity is None, listen_fallback=default_listen,
                       dht_mode="server" if server else "client", relay_service=server)

@@ -18,8 +18,10 @@ def serve(
     blocks: str = typer.Option("auto", help="START:END to host blocks [START, END), or auto: as many as "
                                "--max-memory holds, where the swarm is weakest, moving when balance needs it."),
     initial_peers: list[str] = initial_peers_option(),
-    listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337)."),
-    identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key)."),
+    listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337, or the "
+                                                  "next free port when another process holds it)."),
+    identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key; "
+                                               "while another server here uses it, identity-2.key, …)."),
     new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16: weights and compute."),
     quant: str = typer.Option("none", help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),

@@ -21,9 +21,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import secrets
 from collections import defaultdict
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,8 +33,6 @@ from typing import AsyncIterator, Awaitable, Callable
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
@@ -48,6 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.model.errors import MeshError
 from mesh.net import relay, wire
+from mesh.net.identity import Identity, open_identity
 from mesh.net.messages import Message
 
 log = logging.getLogger("mesh.node")
@@ -71,6 +70,8 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
     initial_peers: list[str] = field(default_factory=list)
     identity_path: Path | None = None  # None: a fresh identity for this run (clients)
+    identity_fallback: bool = False  # the default identity: take the next free slot if another process holds it
+    listen_fallback: bool = False  # the default port: take the next free one if another process listens there
     dht_mode: str = "server"  # "client" nodes do not answer DHT queries
     connect_timeout: float = 10.0
     gossip_heartbeat: float = 1.0
@@ -80,34 +81,6 @@ class NodeConfig:
 def env_initial_peers() -> list[str]:
     raw = os.environ.get(ENV_INITIAL_PEERS, "")
     return [p for p in raw.replace(",", " ").split() if p]
-
-
-def default_identity_path() -> Path:
-    home = Path(os.environ.get("MESH_HOME", Path.home() / ".config" / "mesh"))
-    return home / "identity.key"
-
-
-def load_or_create_identity(path: Path | None) -> KeyPair:
-    """An Ed25519 key kept in `path` (created 0600 on first use), so the peer id survives restarts."""
-    if path is None:
-        key = Ed25519PrivateKey.new(secrets.token_bytes(32))
-    else:
-        path = Path(path).expanduser()
-        if path.exists():
-            try:
-                key = Ed25519PrivateKey.from_bytes(path.read_bytes())
-            except Exception as e:
-                raise MeshError(f"cannot read the identity key {path}: {e}".splitlines()[0],
-                                hint="delete it to create a new identity (the peer id changes)") from e
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            key = Ed25519PrivateKey.new(secrets.token_bytes(32))
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.to_bytes())
-            os.replace(tmp, path)
-    return KeyPair(key, key.get_public_key())
 
 
 def parse_peer_addr(addr: str) -> PeerInfo:
@@ -307,7 +280,22 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     for addr in config.initial_peers:
         parse_peer_addr(addr)  # bad input fails before anything starts
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")  # read by py-libp2p's Yamux on every read
-    key_pair = load_or_create_identity(config.identity_path)
+    listen = _claim_ports(config.listen, fallback=config.listen_fallback)
+    if listen != config.listen:
+        log.warning("port %s is in use by another process here; listening on %s instead",
+                    config.listen[0].rsplit("/", 1)[1], listen[0])
+        config = dataclasses.replace(config, listen=listen)
+    identity = open_identity(config.identity_path, fallback=config.identity_fallback)
+    try:
+        async with _open_host(config, identity) as node:
+            yield node
+    finally:
+        identity.release()
+
+
+@asynccontextmanager
+async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
+    key_pair = identity.key_pair
     host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
                     connection_config=ConnectionConfig(max_connections_per_peer=1))
     gossip = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
@@ -332,6 +320,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 node = Node(host, pubsub, gossip, dht, config, nursery)
                 relay.serve_dialback(node)
                 log.info("node %s listening on %s", _short(node.peer_id), ", ".join(node.addrs))
+                if identity.path is not None and config.identity_path is not None \
+                        and identity.path != Path(config.identity_path).expanduser():
+                    log.warning("%s is in use by another mesh process here; running as %s instead",
+                                config.identity_path, identity.path)
                 try:
                     await _join(node, config.initial_peers)
                 except MeshError as e:  # raised below, outside the nursery, so callers see it unwrapped
@@ -346,6 +338,45 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             await _close_host(host)
     if join_error is not None:
         raise join_error
+
+
+def _claim_ports(listen: list[str], *, fallback: bool, tries: int = 16) -> list[str]:
+    """Refuse TCP ports another process listens on. libp2p binds with SO_REUSEPORT, so a second server on
+    a taken port would start "fine" and the kernel would hand it half of the first one's connections.
+    With `fallback` (the default address), move to the next free port instead."""
+    out = []
+    for addr in listen:
+        ip, port = _tcp_endpoint(addr)
+        if ip is None or port == 0:
+            out.append(addr)
+            continue
+        for candidate in range(port, port + (tries if fallback else 1)):
+            if _port_free(ip, candidate):
+                out.append(addr.replace(f"/tcp/{port}", f"/tcp/{candidate}", 1))
+                break
+        else:
+            raise MeshError(f"cannot listen on {addr}: the port is in use by another process here",
+                            hint="pass --listen /ip4/0.0.0.0/tcp/PORT with a free port (0 picks one)")
+    return out
+
+
+def _tcp_endpoint(addr: str) -> tuple[str | None, int]:
+    parts = addr.strip("/").split("/")
+    if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp" and parts[3].isdigit():
+        return parts[1], int(parts[3])
+    return None, 0
+
+
+def _port_free(ip: str, port: int) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, port))  # without SO_REUSEPORT: fails while anyone listens there
+        except OSError:
+            return False
+    return True
 
 
 async def _close_host(host) -> None:

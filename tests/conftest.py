@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models saved as Hugging Face folders, and the embedded SmolLM2."""
+"""Shared fixtures: tiny random models saved as Hugging Face folders, and the embedded SmolLM2.
+
+The suite is hermetic: its model cache, throughput cache, identities and Hugging Face home live under
+pytest's temporary folder (set in the environment before any test starts, so every `mesh` process the
+tests start inherits them), never under ~/.cache/mesh or ~/.config/mesh.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +43,24 @@ def make_tiny(kind: str, layers: int = 6, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_home(tmp_path_factory) -> Path:
+    """Point every cache and identity of mesh (and Hugging Face) at this session's temporary folder."""
+    root = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("MESH_CACHE", "MESH_HOME", "HF_HOME")}
+    os.environ.update(MESH_CACHE=str(root / "cache"), MESH_HOME=str(root / "config"), HF_HOME=str(root / "hf"))
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
-def mesh_cache(tmp_path_factory) -> Path:
-    """Model cache shared by the session; reuses the user's converted SmolLM2 when present."""
-    return Path(os.environ.get("MESH_CACHE", Path.home() / ".cache" / "mesh"))
+def mesh_cache(hermetic_home) -> Path:
+    """Model cache shared by the session (SmolLM2 is converted into it once per run)."""
+    return Path(os.environ["MESH_CACHE"])
 
 
 @pytest.fixture(scope="session")
