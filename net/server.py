@@ -80,8 +80,10 @@ class Counters:
     sessions_opened: int = 0
     sessions_open: int = 0
     steps_from_clients: int = 0
+    tokens_from_clients: int = 0  # positions clients sent in session steps (history is never re-sent)
     steps_from_pushes: int = 0
     pushes_sent: int = 0
+    pushes_relayed: int = 0  # of those, sent over a connection through a relay
     forwards: int = 0
     backwards: int = 0
     errors: int = 0

@@ -24,6 +24,7 @@ from mesh.net import wire
 from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, OpenSession, Relink, Step,
                                StepResult)
 from mesh.net.node import Node, PeerUnavailable, short_id
+from mesh.net.relay import is_relayed
 
 if TYPE_CHECKING:
     from mesh.net.server import Counters
@@ -120,6 +121,7 @@ class ServerSession:
                 self.counters.steps_from_pushes += 1
             else:
                 self.counters.steps_from_clients += 1
+                self.counters.tokens_from_clients += step.hidden.shape[1]
             if self.next is not None:
                 await self._push(step, out)
             self._keep(step, out)
@@ -146,6 +148,8 @@ class ServerSession:
                 await self._open_push(nxt)
             await wire.write_frame(self._push_stream, pushed.to_wire(self.opened.compression))
             self.counters.pushes_sent += 1
+            if is_relayed(self._push_stream.muxed_conn):
+                self.counters.pushes_relayed += 1
         except (MeshError, trio.TooSlowError) as e:
             await self._close_push()
             failed = PeerUnavailable(f"push to {short_id(nxt['peer_id'])} failed: {e}".splitlines()[0])

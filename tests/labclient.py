@@ -4,7 +4,8 @@
         [--direct-wait S]
 
 Generates greedily through the swarm from token ids and reports, per run, the tokens, the time of each
-new token after the first, and how this client is connected to each server ("direct" or "relayed").
+new token after the first, and how this client is connected to each server ("direct" or "relayed"); then
+every server's counters.
 With --direct-wait, waits up to S seconds after the first run for every connection to become direct
 (DCUtR) before the next run.
 """
@@ -18,6 +19,7 @@ import time
 import torch
 
 from mesh import DistributedModelForCausalLM
+from mesh.net.client import server_info
 from mesh.net.relay import is_relayed
 
 
@@ -56,7 +58,10 @@ def main() -> None:
                                  on_token=lambda _: stamps.append(time.perf_counter()))
             runs.append({"tokens": out[0, ids.shape[1]:].tolist(), "links": links(model),
                          "step_s": [b - t for t, b in zip(stamps, stamps[1:])]})
-    print(json.dumps({"runs": runs}), flush=True)
+        counters = {}  # each server's counters after the runs (pushes sent, and how many through a relay)
+        for info in model.client.swarm.table.servers(model.source.model_id):
+            counters[info.peer_id] = model.client.call(server_info, model.client.node, info.peer_id).counters
+    print(json.dumps({"runs": runs, "counters": counters}), flush=True)
 
 
 if __name__ == "__main__":

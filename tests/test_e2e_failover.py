@@ -72,8 +72,12 @@ def test_sigterm_moves_on_without_a_stall(model, pool, reference):
     assert out.tolist() == expected.tolist()
     assert recoveries == 1
     normal = sorted(gaps[1:])[len(gaps) // 2]
-    # one step's worth of replay; waiting on the draining server would take its drain timeout (10 s)
-    assert max(gaps[20:]) < 10 * normal + 3.0
+    worst = max(gaps[20:])
+    print(f"SIGTERM: normal step {normal * 1000:.1f} ms, largest gap after it {worst * 1000:.1f} ms")
+    # Moving off the draining server costs a session open and a replay of 20 tokens: a few steps' time,
+    # measured at 5-6 normal steps (about 0.1 s). Waiting on it would take its drain timeout (10 s); one
+    # step's deadline, seconds.
+    assert worst < 8 * normal + 0.3
 
 
 def test_missing_blocks_fail_clearly(model, pool, reference):

@@ -20,14 +20,26 @@ def swarm(smollm2, tmp_path_factory):
 
 
 def test_second_turn_sees_the_first(swarm, smollm2_model):
+    from mesh.net.client import server_info
+
     with DistributedModelForCausalLM.from_pretrained("smollm2", swarm.initial_peers) as model:
+        client = model.client
         conv = Conversation(model, max_length=512, system=None)
         sampling = dict(max_new_tokens=24)
-        first, _, _ = conv.turn("My name is Ada. Reply with one short sentence.", sampling, lambda _: None)
-        fed_before = conv.session.generator.fed
-        second, _, _ = conv.turn("What is my name?", sampling, lambda _: None)
-        # the second turn reused the session: only the new turn's tokens were sent, not the history again
-        assert conv.session.generator.fed > fed_before
+
+        def tokens_at_first_server() -> int:
+            first = conv.session.remote.route[0].peer_id
+            return client.call(server_info, client.node, first).counters["tokens_from_clients"]
+
+        _, count1, _ = conv.turn("My name is Ada. Reply with one short sentence.", sampling, lambda _: None)
+        first_prompt = encode_messages(model.tokenizer, conv.messages[:1]).shape[1]
+        sent_before = tokens_at_first_server()
+        second, count2, _ = conv.turn("What is my name?", sampling, lambda _: None)
+        second_prompt = encode_messages(model.tokenizer, conv.messages[:-1]).shape[1]
+        # the second turn reused the session: the first server got only what it had not seen (the new
+        # turn's tokens, and the first answer's last token), never the history again
+        already = first_prompt + count1 - 1  # every position through turn 1, but its last sampled token
+        assert tokens_at_first_server() - sent_before == (second_prompt - already) + (count2 - 1)
         ids = encode_messages(model.tokenizer, conv.messages[:-1])
         ref = smollm2_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                                      pad_token_id=model.tokenizer.pad_token_id)

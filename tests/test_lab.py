@@ -93,6 +93,11 @@ def test_server_behind_nat_serves_through_a_relay(lab, tiny30, expected, tmp_pat
     report = client(lab, user, tiny30, addr, "--runs", "2", "--direct-wait", "30" if nat == "cone" else "20")
     first_run, last_run = report["runs"]
     assert first_run["tokens"] == expected and last_run["tokens"] == expected
+    # every step reached the office server by push from the hidden one, the first of them through a relay
+    steps = 2 * 32  # two runs: a prefill and 31 single-token steps each
+    counters = report["counters"]
+    assert counters[hidden.peer_id]["pushes_sent"] == steps and counters[hidden.peer_id]["pushes_relayed"] >= 1
+    assert counters[last.peer_id]["steps_from_pushes"] == steps and counters[last.peer_id]["steps_from_clients"] == 0
     via = {r["links"].get(hidden.peer_id) for r in report["runs"]}
     if nat == "cone":
         assert last_run["links"][hidden.peer_id] == "direct", report
