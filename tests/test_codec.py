@@ -9,6 +9,8 @@ from mesh.model.errors import BadRequest
 from mesh.net.codec import COMPRESSIONS, decode_tensor, encode_tensor, wire_size
 from mesh.net.messages import Message, OpenSession, Step
 
+from conftest import assert_greedy_equal_but_near_ties
+
 
 def residual_like(shape=(3, 17, 576), seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -100,8 +102,8 @@ def test_messages_round_trip_and_validate():
 def test_int8_on_every_hop_keeps_smollm2_greedy_identical(smollm2, smollm2_model, prompt):
     """Quantize the hidden states at every boundary (client→S1→S2→S3→client), prefill and each step.
 
-    Greedy output can only flip where the top-2 logits of the exact model are closer than the codec's
-    logit error (~0.4 for int8, ~0.1 for bf16); docs/benchmarks.md lists such near ties.
+    Greedy output may only flip where the top-2 logits of the exact model are a near tie: which of two
+    such tokens wins depends even on the CPU's kernels. bench/compression.py lists the gaps.
     """
     from mesh.model.chat import encode_messages
     from mesh.model.generation import Generator, SamplingConfig
@@ -126,4 +128,4 @@ def test_int8_on_every_hop_keeps_smollm2_greedy_identical(smollm2, smollm2_model
     ref = smollm2_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
     assert len(mine[0]) >= 32
-    assert mine[0].tolist() == ref[0, ids.shape[1]:].tolist()
+    assert_greedy_equal_but_near_ties(smollm2_model, ids, mine[0].tolist(), ref[0, ids.shape[1]:].tolist())

@@ -10,6 +10,8 @@ from mesh.cli.chat import Conversation
 from mesh.cli.localswarm import LocalSwarm
 from mesh.model.chat import encode_messages
 
+from conftest import assert_greedy_equal_but_near_ties
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -54,4 +56,5 @@ def test_int8_on_every_hop_through_servers_keeps_greedy(swarm, smollm2_model):
         out = model.generate(ids, max_new_tokens=64)
         ref = smollm2_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
                                      pad_token_id=model.tokenizer.pad_token_id)
-        assert out.tolist() == ref.tolist()
+        n = ids.shape[1]
+        assert_greedy_equal_but_near_ties(smollm2_model, ids, out[0, n:].tolist(), ref[0, n:].tolist())
