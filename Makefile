@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/mesh demo
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -rs
 
 bench: setup
 	.venv/bin/python bench/inference.py

@@ -75,7 +75,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny30(tmp_path_factory):
     """A tiny random Llama with 30 blocks (SmolLM2's count), for swarms of `mesh serve` processes."""
     folder = tmp_path_factory.mktemp("tiny30") / "tiny30"
@@ -83,9 +83,10 @@ def tiny30(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool(tiny30, tmp_path_factory):
-    """Two `mesh serve` processes per span of tiny30, refilled by tests that kill them."""
+    """Two `mesh serve` processes per span of tiny30 for every e2e module; a test that kills some calls
+    `refill()` first, which replaces only the dead ones."""
     from procs import Pool
 
     pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
@@ -101,6 +102,16 @@ def smollm2(mesh_cache):
     from mesh.model.sources import resolve_model
 
     return resolve_model("smollm2", cache_dir=mesh_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_swarm(smollm2, tmp_path_factory):
+    """Two `mesh serve` processes for each third of SmolLM2 (so one may die), shared by the e2e modules
+    that need the real model; a test that kills one respawns it."""
+    from mesh.cli.localswarm import LocalSwarm
+
+    with LocalSwarm("smollm2", 30, servers=3, replicas=2, log_dir=tmp_path_factory.mktemp("smol-logs")) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -119,9 +119,12 @@ class Pool:
         self.folder, self.logs = folder, logs
         self.procs = []
         self.count = 0
-        first = self._start(SPANS[0], [])
-        first.wait_ready_sync()
-        self.boot = first.addr
+        self._start(SPANS[0], []).wait_ready_sync()
+
+    @property
+    def boot(self) -> str:
+        """The address of a live server (tests kill servers, the first one included)."""
+        return next(p.addr for p in self.procs if p.addr and p.proc.poll() is None)
 
     def _start(self, span: str, peers: list[str]):
         self.count += 1
@@ -136,9 +139,12 @@ class Pool:
     def refill(self, per_span: int = 2) -> None:
         new = []
         peers = [p.addr for p in self.procs if p.addr and p.proc.poll() is None][:3]
+        if not peers:  # every server died: start over from one
+            self._start(SPANS[0], []).wait_ready_sync()
+            peers = [self.boot]
         for span in SPANS:
             for _ in range(per_span - len(self.alive(span))):
-                new.append(self._start(span, peers or [self.boot]))
+                new.append(self._start(span, peers))
         for p in new:
             p.wait_ready_sync()
 

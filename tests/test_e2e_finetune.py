@@ -11,8 +11,6 @@ import torch
 import trio
 from safetensors.torch import load_file
 
-from mesh.cli.localswarm import LocalSwarm
-
 from formatdata import PREFIX, write
 from procs import MeshProcess, run_mesh
 
@@ -22,10 +20,8 @@ QUESTION = "What is the capital of Italy?"
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2, tmp_path_factory):
-    """Two servers for each third of SmolLM2, so one may die."""
-    with LocalSwarm("smollm2", 30, servers=3, replicas=2, log_dir=tmp_path_factory.mktemp("logs")) as s:
-        yield s
+def swarm(smol_swarm):
+    return smol_swarm
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import DistributedModelForCausalLM
-from mesh.cli.localswarm import LocalSwarm
+from procs import wait_for_servers
 
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def swarm_model(tiny30, tmp_path_factory):
-    with LocalSwarm(str(tiny30), 30, servers=3, log_dir=tmp_path_factory.mktemp("logs")) as swarm:
-        with DistributedModelForCausalLM.from_pretrained(str(tiny30), swarm.initial_peers) as model:
-            yield model
+def swarm_model(tiny30, pool):
+    pool.refill()
+    with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot]) as model:
+        model.client.call(lambda: wait_for_servers(model, 6))
+        yield model
 
 
 @pytest.fixture(scope="module")

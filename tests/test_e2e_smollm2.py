@@ -7,7 +7,6 @@ import torch
 
 from mesh import DistributedModelForCausalLM
 from mesh.cli.chat import Conversation
-from mesh.cli.localswarm import LocalSwarm
 from mesh.model.chat import encode_messages
 
 from conftest import assert_greedy_equal_but_near_ties
@@ -16,9 +15,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2, tmp_path_factory):
-    with LocalSwarm("smollm2", 30, servers=3, log_dir=tmp_path_factory.mktemp("logs")) as s:
-        yield s
+def swarm(smol_swarm):
+    return smol_swarm
 
 
 def test_second_turn_sees_the_first(swarm, smollm2_model):
