@@ -1,9 +1,12 @@
-"""Seconds per fine-tuning step through the swarm vs locally, per method, measured in one run.
+"""Seconds per fine-tuning step through the swarm vs peft and vs locally, per method, in one run.
 
 Starts 3 `mesh serve` processes with SmolLM2-135M-Instruct (10 blocks each) on loopback; one step is the
-forward, the backward and the optimizer update for a batch of 4 rows × 64 tokens. Local runs the same
+forward, the backward and the optimizer update for a batch of 4 rows × 64 tokens. The baseline a user
+would pick instead is peft on plain transformers in this process: LoRA (same rank, alpha and target
+modules), prompt tuning (same number of virtual tokens) and, for deep prompts, prefix tuning (the closest
+peft method: trained keys and values per layer instead of trained inputs per block). Local runs mesh's own
 step on the full model in this process. Prints the median of `--repeats` steps each, interleaved, and
-local / swarm (1.0 = as fast as local).
+peft / swarm and local / swarm (1.0 = as fast as the swarm).
 
     .venv/bin/python bench/finetune.py [--repeats 3] [--micro-batch 4] [--server-threads 2]
 """
@@ -38,6 +41,31 @@ def step_seconds(head, runner, adapter, optimizer, ids) -> float:
     return time.perf_counter() - t0
 
 
+def peft_model(method: str, path: str, num_prompts: int, spec: LoraSpec):
+    """The same method as peft would train it, on a fresh copy of the model."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if method == "lora":
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0,
+                            task_type=TaskType.CAUSAL_LM)
+    elif method == "prompt":
+        config = PromptTuningConfig(num_virtual_tokens=num_prompts, task_type=TaskType.CAUSAL_LM)
+    else:
+        config = PrefixTuningConfig(num_virtual_tokens=num_prompts, task_type=TaskType.CAUSAL_LM)
+    model = get_peft_model(base, config)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def peft_step_seconds(model, optimizer, ids) -> float:
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -54,7 +82,8 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, batch {BATCH} × {TOKENS} tokens, 3 servers of 10 blocks on this machine "
           f"({args.server_threads or 'split'} threads each), micro-batch {args.micro_batch}; local: torch's "
           f"{torch.get_num_threads()} threads")
-    print(f"{'method':<12}{'local s/step':>14}{'swarm s/step':>14}{'local / swarm':>15}")
+    print(f"{'method':<12}{'peft s/step':>13}{'local s/step':>14}{'swarm s/step':>14}{'peft / swarm':>14}"
+          f"{'local / swarm':>15}")
     extra = ["--threads", str(args.server_threads)] if args.server_threads else []
     with LocalSwarm("smollm2", 30, servers=3, extra=extra) as swarm, \
             DistributedModelForCausalLM.from_pretrained("smollm2", swarm.initial_peers) as model:
@@ -63,15 +92,18 @@ def main() -> None:
             adapter = Adapter(full.config, tuning, generator=torch.Generator().manual_seed(0))
             optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
             swarm_runner = SwarmRunner(model, micro_batch=args.micro_batch)
-            times: dict[str, list[float]] = {"local": [], "swarm": []}
-            for i in range(args.repeats + 1):  # the first round warms up both
+            reference, ref_optimizer = peft_model(method, str(source.path), tuning.num_prompts, tuning.lora)
+            times: dict[str, list[float]] = {"peft": [], "local": [], "swarm": []}
+            for i in range(args.repeats + 1):  # the first round warms up each
+                t = peft_step_seconds(reference, ref_optimizer, ids)
+                if i:
+                    times["peft"].append(t)
                 for name, runner, h in (("local", local_runner, head), ("swarm", swarm_runner, model.head)):
                     t = step_seconds(h, runner, adapter, optimizer, ids)
                     if i:
                         times[name].append(t)
-            loc, swm = statistics.median(times["local"]), statistics.median(times["swarm"])
-            print(f"{method:<12}{loc:>14.3f}{swm:>14.3f}{loc / swm:>15.3f}", flush=True)
-
+            ref, loc, swm = (statistics.median(times[k]) for k in ("peft", "local", "swarm"))
+            print(f"{method:<12}{ref:>13.3f}{loc:>14.3f}{swm:>14.3f}{ref / swm:>14.3f}{loc / swm:>15.3f}", flush=True)
 
 if __name__ == "__main__":
     main()
