@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -83,6 +84,28 @@ def tiny30(tmp_path_factory):
     return folder
 
 
+# Groups of server processes shared by several modules. Their users run one after another (the
+# collection is reordered) and each group is stopped right after its last user: idle servers still
+# gossip, and a dozen of them would take a core from every test that runs beside them.
+SHARED = ("pool", "smol_swarm")
+_stoppers: dict[str, Callable[[], None]] = {}
+_last_users = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def group(item) -> int:
+        return next((i + 1 for i, name in enumerate(SHARED) if name in item.fixturenames), 0)
+
+    items.sort(key=group)  # stable: module order is kept within a group
+    config.stash[_last_users] = {name: item.nodeid for item in items for name in SHARED if name in item.fixturenames}
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    for name, nodeid in item.config.stash.get(_last_users, {}).items():
+        if nodeid == item.nodeid and name in _stoppers:
+            _stoppers.pop(name)()
+
+
 @pytest.fixture(scope="session")
 def pool(tiny30, tmp_path_factory):
     """Two `mesh serve` processes per span of tiny30 for every e2e module; a test that kills some calls
@@ -90,10 +113,12 @@ def pool(tiny30, tmp_path_factory):
     from procs import Pool
 
     pool = Pool(tiny30, tmp_path_factory.mktemp("logs"))
+    _stoppers["pool"] = pool.cleanup
     try:
         pool.refill()
         yield pool
     finally:
+        _stoppers.pop("pool", None)
         pool.cleanup()
 
 
@@ -111,7 +136,9 @@ def smol_swarm(smollm2, tmp_path_factory):
     from mesh.cli.localswarm import LocalSwarm
 
     with LocalSwarm("smollm2", 30, servers=3, replicas=2, log_dir=tmp_path_factory.mktemp("smol-logs")) as s:
+        _stoppers["smol_swarm"] = s.stop
         yield s
+        _stoppers.pop("smol_swarm", None)
 
 
 @pytest.fixture(scope="session")

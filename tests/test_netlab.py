@@ -122,4 +122,7 @@ def test_jitter_and_loss_keep_order():
         delays = [d * 1e3 for _, d in seen]
         assert order == sorted(order)  # one flow is never reordered
         assert 820 < len(seen) < 960  # 10 % lost, give or take
-        assert min(delays) > 5.5 and max(delays) < 17 and statistics.pstdev(delays) > 1.0
+        # a packet is never early; late by a scheduling hiccup of the machine, rarely: the 99th percentile
+        # holds the jitter bound (10 + 4 ms, plus the stage's own ~1 ms)
+        p99 = statistics.quantiles(delays, n=100)[-1]
+        assert min(delays) > 5.5 and p99 < 16 and statistics.pstdev(delays) > 1.0, (min(delays), p99)
