@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -47,6 +46,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from mesh.model.errors import MeshError
 from mesh.net import relay, wire
 from mesh.net.identity import Identity, open_identity
+from mesh.net.ports import claim_ports, port_lock
 from mesh.net.messages import Message
 
 log = logging.getLogger("mesh.node")
@@ -280,17 +280,29 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     for addr in config.initial_peers:
         parse_peer_addr(addr)  # bad input fails before anything starts
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")  # read by py-libp2p's Yamux on every read
-    listen = _claim_ports(config.listen, fallback=config.listen_fallback)
-    if listen != config.listen:
-        log.warning("port %s is in use by another process here; listening on %s instead",
-                    config.listen[0].rsplit("/", 1)[1], listen[0])
-        config = dataclasses.replace(config, listen=listen)
     identity = open_identity(config.identity_path, fallback=config.identity_fallback)
     try:
         async with _open_host(config, identity) as node:
             yield node
     finally:
         identity.release()
+
+
+@asynccontextmanager
+async def _listening(host, config: NodeConfig) -> AsyncIterator[None]:
+    """`host.run()` on ports no other process here listens on (see net/ports.py)."""
+    if all(a.endswith("/tcp/0") for a in config.listen):
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen]):
+            yield
+        return
+    async with AsyncExitStack() as stack:
+        async with port_lock():
+            listen = claim_ports(config.listen, fallback=config.listen_fallback)
+            if listen != config.listen:
+                log.warning("port %s is in use by another process here; listening on %s instead",
+                            config.listen[0].rsplit("/", 1)[1], listen[0])
+            await stack.enter_async_context(host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen]))
+        yield
 
 
 @asynccontextmanager
@@ -303,12 +315,11 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
                        spam_protection_enabled=False, eclipse_protection_enabled=False)
     pubsub = Pubsub(host, gossip)
     dht = KadDHT(host, DHTMode.SERVER if config.dht_mode == "server" else DHTMode.CLIENT)
-    listen = [multiaddr.Multiaddr(a) for a in config.listen]
     join_error: MeshError | None = None
     async with trio.open_nursery() as nursery:
         try:
             async with AsyncExitStack() as stack:
-                await stack.enter_async_context(host.run(listen_addrs=listen))
+                await stack.enter_async_context(_listening(host, config))
                 await stack.enter_async_context(background_trio_service(pubsub))
                 await stack.enter_async_context(background_trio_service(gossip))
                 await stack.enter_async_context(background_trio_service(dht))
@@ -338,45 +349,6 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
             await _close_host(host)
     if join_error is not None:
         raise join_error
-
-
-def _claim_ports(listen: list[str], *, fallback: bool, tries: int = 16) -> list[str]:
-    """Refuse TCP ports another process listens on. libp2p binds with SO_REUSEPORT, so a second server on
-    a taken port would start "fine" and the kernel would hand it half of the first one's connections.
-    With `fallback` (the default address), move to the next free port instead."""
-    out = []
-    for addr in listen:
-        ip, port = _tcp_endpoint(addr)
-        if ip is None or port == 0:
-            out.append(addr)
-            continue
-        for candidate in range(port, port + (tries if fallback else 1)):
-            if _port_free(ip, candidate):
-                out.append(addr.replace(f"/tcp/{port}", f"/tcp/{candidate}", 1))
-                break
-        else:
-            raise MeshError(f"cannot listen on {addr}: the port is in use by another process here",
-                            hint="pass --listen /ip4/0.0.0.0/tcp/PORT with a free port (0 picks one)")
-    return out
-
-
-def _tcp_endpoint(addr: str) -> tuple[str | None, int]:
-    parts = addr.strip("/").split("/")
-    if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp" and parts[3].isdigit():
-        return parts[1], int(parts[3])
-    return None, 0
-
-
-def _port_free(ip: str, port: int) -> bool:
-    import socket
-
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, port))  # without SO_REUSEPORT: fails while anyone listens there
-        except OSError:
-            return False
-    return True
 
 
 async def _close_host(host) -> None:

@@ -49,11 +49,15 @@ async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
             assert model["covered"]
             assert sorted((s["start"], s["end"]) for s in model["servers"]) == [(0, 10), (10, 20), (20, 30)]
             assert model["servers_per_block"] == [1] * 30
-            # without a model: the table comes from the snapshot alone, then gossip keeps it
-            result = await run_mesh("status", "--initial-peers", boot, "--json", "--timeout", "5")
+            # without a model: the table comes from the snapshot alone, then gossip keeps it; an initial
+            # peer that cannot be reached is named on stderr with the reason, and the others still answer
+            dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGfF2mBkoXqiJwoVaRwm3qTFopm1XreeKQCyvjfMZTyms"
+            result = await run_mesh("status", "--initial-peers", boot, "--initial-peers", dead, "--json",
+                                    "--timeout", "5")
             assert result.returncode == 0, result.stdout + result.stderr
             (model,) = json.loads(result.stdout)["models"]
             assert model["servers_per_block"] == [1] * 30
+            assert f"initial peer {dead} unreachable: " in result.stderr.decode(), result.stderr
 
             # SIGKILL: no goodbye, the entry expires (ttl = 3 announce periods = 3 s)
             killed = procs[1]
