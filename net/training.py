@@ -125,6 +125,7 @@ class SwarmBlocks:
             try:
                 for hop in route:
                     keep = f"{self.run}:{next(self._keep_ids)}" if self.keep_graphs else ""
+                    log.debug("forward of blocks %d:%d on %s", hop.start, hop.end, short_id(hop.peer_id))
                     y = await remote_forward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, position_ids,
                                              attention_mask, prompts=_slice(prompts, hop), lora=lora,
                                              compression=self.compression, keep=keep, timeout=self.timeout)
@@ -151,6 +152,7 @@ class SwarmBlocks:
         shape = tuple(done.prompts.shape) if done.prompts is not None else None
         while True:
             try:
+                log.debug("backward of blocks %d:%d on %s", hop.start, hop.end, short_id(hop.peer_id))
                 g = await remote_backward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, grad,
                                           done.position_ids, done.attention_mask, prompts=_slice(done.prompts, hop),
                                           lora=done.lora, compression=self.compression, keep=keep,

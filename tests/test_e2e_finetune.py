@@ -58,31 +58,45 @@ async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_p
 
 
 async def test_training_goes_on_when_a_server_dies(swarm, data, tmp_path):
-    """A server of blocks 10:20 is frozen, so that one of the passes (each one goes through 10:20, half of
-    them through it) is soon stuck there with a request in flight; then it is killed. The request fails,
-    the hop is rerouted to the other server of 10:20, and training goes on to its last step."""
+    """Both servers of blocks 10:20 are frozen, so the trainer's next request to 10:20 is stuck in one of
+    them (its -vv log names which); that one is killed and the other resumed. The request fails, the hop
+    is rerouted to the other server, and training goes on to its last step."""
     train, _ = data
     proc = MeshProcess(["finetune", str(train), "--method", "lora", "--out", str(tmp_path / "a"),
-                        "--max-steps", "12", "--checkpoint-every", "0", "-v", *peers(swarm)], tmp_path / "ft.log")
+                        "--max-steps", "8", "--checkpoint-every", "0", "-vv", *peers(swarm)], tmp_path / "ft.log")
+    middle = [i for i, span in enumerate(swarm.spans) if span == (10, 20) and swarm.procs[i].poll() is None]
     victim = None
     try:
         with trio.fail_after(300):
-            while "step 2/12" not in proc.output():
+            while "step 2/8" not in proc.output():
                 assert proc.proc.poll() is None, proc.output()[-3000:]
                 await trio.sleep(0.2)
-        victim = swarm.kill(swarm.peer_id(1), signal.SIGSTOP)
-        await trio.sleep(4)  # a step takes about a second: the odds that no pass went to the frozen one are tiny
+        for i in middle:
+            swarm.procs[i].send_signal(signal.SIGSTOP)
+        def calls() -> list[tuple[str, str]]:
+            return re.findall(r"(?:forward|backward) of blocks (\d+):\d+ on (\w+)", proc.output())
+
+        with trio.fail_after(10):  # stuck: the last request, to 10:20, has no successor for half a second
+            while True:
+                before = calls()
+                await trio.sleep(0.5)
+                if calls() == before and before and before[-1][0] == "10":
+                    break
+        stuck = before[-1][1]
+        victim = next(i for i in middle if swarm.peer_id(i).endswith(stuck))
         swarm.procs[victim].send_signal(signal.SIGKILL)
-        assert proc.proc.poll() is None
+        for i in middle:
+            swarm.procs[i].send_signal(signal.SIGCONT)
         assert await proc.wait_exit(300) == 0, proc.output()[-3000:]
         out = proc.output()
-        assert "step 12/12" in out and "mesh: trained 12 steps" in out, out[-3000:]
+        assert "step 8/8" in out and "mesh: trained 8 steps" in out, out[-3000:]
         rerouted = re.search(r"(\d+) failed hops? rerouted", out)
         assert rerouted and int(rerouted.group(1)) >= 1, out[-3000:]
     finally:
+        for i in middle:
+            swarm.procs[i].send_signal(signal.SIGCONT)
         proc.cleanup()
         if victim is not None:
-            swarm.procs[victim].send_signal(signal.SIGKILL)
             swarm.respawn(victim)
 
 
