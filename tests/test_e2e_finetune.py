@@ -42,6 +42,10 @@ async def chat_answer(swarm, *extra: str) -> str:
 
 @pytest.mark.parametrize("method, steps", [("lora", 10), ("prompt", 24)])
 async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_path, method, steps):
+    """`mesh finetune` through the swarm, then `mesh chat --adapter` follows the learned format.
+
+    Long (40-55 s here) because it must really learn: 10 LoRA or 24 prompt-tuning steps of SmolLM2
+    through three servers are what it takes for the eval loss to fall by 30 % and the answers to change."""
     train, evals = data
     out = tmp_path / method
     result = await run_mesh("finetune", str(train), "--method", method, "--eval", str(evals), "--out", str(out),
