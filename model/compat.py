@@ -11,10 +11,9 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
@@ -175,10 +174,3 @@ def ensure_attention(config: PretrainedConfig) -> PretrainedConfig:
     if getattr(config, "_attn_implementation", None) is None:
         config._attn_implementation = "eager" if config.model_type == "bloom" else "sdpa"
     return config
-
-
-def transformers_version() -> str:
-    return transformers.__version__
-
-
-Hook = Callable[[nn.Module, int], nn.Module]

@@ -139,7 +139,6 @@ class OpenSession(Message):
     batch_size: int = 1
     compression: str = "none"
     next: dict | None = None  # {"peer_id", "addrs", "session_id"} of the next server, for pushes
-    return_outputs: bool = False  # also send pushed outputs back to the client (costs a message per step)
     lora: dict | None = None  # LoraRef.to_wire(): adapters applied to every step of the session
 
 

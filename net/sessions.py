@@ -5,8 +5,7 @@ Both feed one inbox, so steps are processed one at a time in arrival order; the 
 carries makes them idempotent (a cache that is ahead is rolled back), which is what makes replays after
 a failover safe. After computing, the output is pushed to the next server first (the critical path),
 and kept here: the next server's input history, which the client fetches to rebuild a replacement's cache
-after a failure. Only the last server of the chain answers the client on every step (unless the client
-asked for every output with `return_outputs`).
+after a failure. Only the last server of the chain answers the client on every step.
 """
 
 from __future__ import annotations
@@ -125,7 +124,7 @@ class ServerSession:
             if self.next is not None:
                 await self._push(step, out)
             self._keep(step, out)
-            if self.next is not None and not self.opened.return_outputs:
+            if self.next is not None:
                 continue
             if not step.want_output:
                 out = out[:, :0]
