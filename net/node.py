@@ -46,8 +46,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from mesh.model.errors import MeshError
 from mesh.net import relay, wire
 from mesh.net.identity import Identity, open_identity
-from mesh.net.ports import claim_ports, port_lock
 from mesh.net.messages import Message
+from mesh.net.ports import claim_ports, port_lock
 
 log = logging.getLogger("mesh.node")
 

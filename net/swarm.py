@@ -124,7 +124,9 @@ class SwarmTable:
         else:
             heard = self.clock() - min(max(age, 0.0), info.ttl)
             if old is not None and old.timestamp == info.timestamp:
-                heard = max(heard, self._heard.get(info.peer_id, heard))  # the same words, heard again
+                # the same words heard again (a gossip duplicate, a snapshot): they are as old as the
+                # first hearing, so a copy never extends their life
+                heard = min(heard, self._heard.get(info.peer_id, heard))
             self._entries[info.peer_id] = info
             self._heard[info.peer_id] = heard
         self._notify()

@@ -142,6 +142,13 @@ def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
     assert table.age("behind") == pytest.approx(2.5)
     now[0] = 103.5
     assert table.servers("m") == []
+    # a copy of an announcement already heard does not extend its life
+    again = ServerInfo("c", "m", 0, 8, ServerState.ONLINE, timestamp=5.0, ttl=3)
+    table.update(again)
+    now[0] = 105.0
+    table.update(ServerInfo(**vars(again)), age=0.0)
+    now[0] = 106.6
+    assert table.get("c") is None
 
 
 async def test_gossip_crosses_a_chain_and_bursts_are_not_dropped():
