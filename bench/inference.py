@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -77,30 +78,11 @@ def timed_hf(model, ids: torch.Tensor, new_tokens: int) -> Timing:
     return stamps.times[0] - t0, rate_of(stamps.times) if len(stamps.times) > 1 else 0.0
 
 
-class _Local:
-    """Local spans with their own caches, as a context manager like a swarm session."""
-
-    def __init__(self, spans, max_length: int) -> None:
-        self.blocks = LocalSpans(spans, 1, max_length)
-
-    def __enter__(self):
-        return self.blocks
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-class _Swarm:
+@contextmanager
+def swarm_blocks(model, max_length: int):
     """One inference session through the swarm, closed after the run."""
-
-    def __init__(self, model, max_length: int) -> None:
-        self.session = model.inference_session(max_length)
-
-    def __enter__(self):
-        return self.session.run_blocks
-
-    def __exit__(self, *exc) -> None:
-        self.session.close()
+    with model.inference_session(max_length) as session:
+        yield session.run_blocks
 
 
 def main() -> None:
@@ -125,10 +107,10 @@ def main() -> None:
             ways: dict[str, tuple[int, Callable[[torch.Tensor, int], Timing]]] = {
                 "transformers, 1 thread": (1, lambda ids, n: timed_hf(hf, ids, n)),
                 "transformers, 2 threads": (2, lambda ids, n: timed_hf(hf, ids, n)),
-                "mesh local": (default_threads,
-                               lambda ids, n: timed_mesh(lambda m: _Local(spans, m), head, tokenizer, ids, n)),
-                "mesh swarm": (default_threads,
-                               lambda ids, n: timed_mesh(lambda m: _Swarm(model, m), model.head, tokenizer, ids, n)),
+                "mesh local": (default_threads, lambda ids, n: timed_mesh(
+                    lambda m: nullcontext(LocalSpans(spans, 1, m)), head, tokenizer, ids, n)),
+                "mesh swarm": (default_threads, lambda ids, n: timed_mesh(
+                    lambda m: swarm_blocks(model, m), model.head, tokenizer, ids, n)),
             }
             results: dict[str, list[Timing]] = {name: [] for name in ways}
             for threads, run in ways.values():  # warm-up

@@ -89,26 +89,12 @@ async def _collect(swarm, model_id: str | None, timeout: float) -> None:
     announcement periods after it was heard, and an import that blocks the event loop for seconds (torch,
     transformers on a loaded machine) once left the table to expire before it was printed.
     """
-    import trio
-
     from mesh.net.node import short_id
 
     if model_id is not None:
         await swarm.discover(model_id, timeout=timeout)
         return
-    failures: dict[str, str] = {}
-
-    async def one(peer: str) -> None:
-        try:
-            await swarm.fetch_snapshot(peer, "", timeout)
-        except Exception as e:
-            failures[peer] = f"{type(e).__name__}: {e}".splitlines()[0]
-
-    with trio.move_on_after(timeout):
-        async with trio.open_nursery() as n:
-            for peer in swarm.node.connected_peers():
-                n.start_soon(one, peer)
-    for peer, why in failures.items():
+    for peer, why in (await swarm.snapshots_from_connected("", timeout)).items():
         stderr().print(f"mesh status: peer {short_id(peer)} sent no table: {why}", highlight=False, soft_wrap=True)
     for mid in {i.model_id for i in swarm.table.all()}:
         await swarm.follow(mid)

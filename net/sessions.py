@@ -51,6 +51,7 @@ class ServerSession:
         self._client_lock = trio.Lock()
         self._push_stack: AsyncExitStack | None = None
         self._push_stream = None
+        self._push_relayed = False  # whether the push stream's connection goes through a relay
         self._cancel = trio.CancelScope()
         self.outputs: list[Step] = []  # pushed outputs, in position order
 
@@ -147,8 +148,7 @@ class ServerSession:
                 await self._open_push(nxt)
             await wire.write_frame(self._push_stream, pushed.to_wire(self.opened.compression))
             self.counters.pushes_sent += 1
-            if is_relayed(self._push_stream.muxed_conn):
-                self.counters.pushes_relayed += 1
+            self.counters.pushes_relayed += self._push_relayed
         except (MeshError, trio.TooSlowError) as e:
             await self._close_push()
             failed = PeerUnavailable(f"push to {short_id(nxt['peer_id'])} failed: {e}".splitlines()[0])
@@ -159,6 +159,7 @@ class ServerSession:
         stack = AsyncExitStack()
         self._push_stream = await stack.enter_async_context(self.node.stream(nxt["peer_id"], "push", timeout=10))
         self._push_stack = stack
+        self._push_relayed = is_relayed(self._push_stream.muxed_conn)
         # The next server answers on the push stream only when it cannot take a step (e.g. unknown session).
         self.node.nursery.start_soon(self._read_push_errors, self._push_stream, nxt["peer_id"])
 

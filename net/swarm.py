@@ -277,9 +277,7 @@ class Swarm:
         """Fill the table for `model_id` now: snapshots from connected peers, then the DHT if still empty."""
         await self.follow(model_id)
         with trio.move_on_after(timeout):
-            async with trio.open_nursery() as n:
-                for peer in self.node.connected_peers():
-                    n.start_soon(self._try_snapshot, peer, model_id, timeout)
+            await self.snapshots_from_connected(model_id, timeout)
             if self.table.servers(model_id):
                 return
             for info in await self._providers(model_id):
@@ -302,6 +300,27 @@ class Swarm:
             return []
         unique = {p.peer_id.to_base58(): p for p in found}  # the DHT returns duplicates
         return list(unique.values())
+
+    async def snapshots_from_connected(self, model_id: str = "", timeout: float = 10.0) -> dict[str, str]:
+        """Ask every connected peer for its table at once (bounded by `timeout`); returns why each peer
+        that sent none failed, by peer id."""
+        peers = self.node.connected_peers()
+        failures = {peer: f"no answer within {timeout:g} s" for peer in peers}
+
+        async def one(peer: str) -> None:
+            try:
+                await self.fetch_snapshot(peer, model_id, timeout)
+            except Exception as e:
+                log.debug("snapshot from %s failed: %s", short_id(peer), e)
+                failures[peer] = f"{type(e).__name__}: {e}".splitlines()[0]
+            else:
+                del failures[peer]
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as n:
+                for peer in peers:
+                    n.start_soon(one, peer)
+        return failures
 
     async def _try_snapshot(self, peer: str, model_id: str, timeout: float) -> int:
         try:
