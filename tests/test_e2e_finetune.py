@@ -130,4 +130,13 @@ async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     assert "resuming at step 2" in resumed.stderr.decode()
     a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    # Equal but for float rounding. The two runs take different random routes over the replicas; they
+    # came out bit-identical in 11 repeated runs here (3 of them with both cores busy), yet one run of the
+    # whole suite on a new machine did not. A resume that got the state wrong (data position, optimizer
+    # moments, step) moves the weights by the order of the learning rate (2e-3 per step); rounding
+    # moves them by about 1e-9.
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"resumed vs uninterrupted: largest difference {worst:.3g}")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
