@@ -134,8 +134,8 @@ async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_
     # Equal but for float rounding. The two runs take different random routes over the replicas; they
     # came out bit-identical in 11 repeated runs here (3 of them with both cores busy), yet one run of the
     # whole suite on a new machine did not. A resume that got the state wrong (data position, optimizer
-    # moments, step) moves the weights by the order of the learning rate (2e-3 per step); rounding
-    # moves them by about 1e-9.
+    # moments, step) moves the weights by the order of the learning rate (2e-3 per step), a
+    # thousand times the tolerance; rounding in the blocks reaches the weights a million times smaller.
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"resumed vs uninterrupted: largest difference {worst:.3g}")
     for k in a:
