@@ -16,7 +16,6 @@ client → s1 → s2 → s3 → client.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -26,10 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import netlab  # noqa: E402
-from procs import MeshProcess  # noqa: E402
+from labswarm import lab_arguments, lab_swarm, spans  # noqa: E402
 
 from mesh.model.chat import encode_messages  # noqa: E402
 from mesh.model.generation import Generator, LocalSpans, SamplingConfig  # noqa: E402
@@ -74,57 +70,27 @@ def local_compute(model: str, servers: int, ids: torch.Tensor, tokens: int) -> t
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--servers", type=int, default=3)
-    p.add_argument("--delay-ms", type=float, default=25.0)
-    p.add_argument("--mbit", type=float, default=100.0)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--logs", type=Path, default=Path("/tmp/mesh-wan-logs"))
-    a = p.parse_args()
-    reason = netlab.unavailable()
-    if reason:
-        sys.exit(f"bench/wan.py: {reason}")
+    a = lab_arguments(__doc__.splitlines()[0], tokens=64, logs="/tmp/mesh-wan-logs")
     source = resolve_model(a.model)
     tokenizer = load_tokenizer(source)
     ids = encode_messages(tokenizer, [{"role": "user", "content": PROMPT}])
-    n = source.num_blocks
-    bounds = [round(i * n / a.servers) for i in range(a.servers + 1)]
-    a.logs.mkdir(parents=True, exist_ok=True)
-
-    with netlab.Lab() as lab:
-        user = lab.host("client")
-        hosts = [lab.host(f"s{i + 1}") for i in range(a.servers)]
-        for h in [user, *hosts]:
-            lab.cap(h, a.mbit)
-        lab.delay(a.delay_ms)
-        lab_rtt = lab.rtt(user, hosts[0])  # the emulator itself: 2 x delay expected
-        procs, boot = [], None
-        for i, h in enumerate(hosts):
-            args = ["serve", a.model, "--blocks", f"{bounds[i]}:{bounds[i + 1]}", "--listen",
-                    f"/ip4/{h.ip}/tcp/31337", "--new-identity", "--threads", "1", "--bandwidth", str(a.mbit)]
-            if boot:
-                args += ["--initial-peers", boot]
-            proc = MeshProcess(args, a.logs / f"server{i + 1}.log", env={"HF_HUB_OFFLINE": "1"}, netns=h.ns)
-            lab.procs.append(proc.proc)
-            procs.append(proc)
-            addr = proc.wait_ready_sync(180)
-            boot = boot or addr
-        argv = [sys.executable, str(LABCLIENT), a.model, "--peer", boot, "--prompt-text", PROMPT,
+    parts = spans(source.num_blocks, a.servers)
+    with lab_swarm(a.model, source.num_blocks, a.servers, a.delay_ms, a.mbit, a.logs) as lab:
+        argv = [sys.executable, str(LABCLIENT), a.model, "--peer", lab.boot, "--prompt-text", PROMPT,
                 "--new-tokens", str(a.tokens), "--runs", "3"]
-        done = subprocess.run(["ip", "netns", "exec", user.ns, *argv], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(["ip", "netns", "exec", lab.user.ns, *argv], capture_output=True, text=True,
+                              timeout=600)
         if done.returncode != 0:
             sys.exit(f"the lab client failed:\n{done.stderr[-3000:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        for proc in procs:
-            proc.cleanup()
+        lab_rtt = lab.rtt
     blocks_s, head_s = local_compute(a.model, a.servers, ids, a.tokens)
     swarm = [t for run in report["runs"][1:] for t in run["step_s"]]  # the first run warms up
     compute = blocks_s + head_s
     one_way = lab_rtt / 2  # what the lab really adds per link, measured in this run
     floor = compute + (a.servers + 1) * one_way
     per_token = statistics.median(swarm)
-    print(f"model {source.model_id}, {a.servers} servers ({', '.join(f'{x}:{y}' for x, y in zip(bounds, bounds[1:]))}), "
+    print(f"model {source.model_id}, {a.servers} servers ({', '.join(f'{x}:{y}' for x, y in parts)}), "
           f"{a.delay_ms:g} ms one way per link, {a.mbit:g} Mbit/s per host, {a.tokens} new tokens")
     print(f"{'lab TCP round trip client <-> s1 (1 KB)':44} {lab_rtt * 1e3:8.1f} ms   (2 x delay = {2 * a.delay_ms:g} ms)")
     print(f"{'compute per token: blocks (1 thread)':44} {blocks_s * 1e3:8.1f} ms")

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from mesh.cli.common import initial_peers_option
+from mesh.cli.common import draft_option, initial_peers_option, speculate_option
 from mesh.cli.output import one_line_errors, setup_logging, stderr, write
 
 
@@ -81,6 +81,8 @@ def chat(
     exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
     adapter: str = typer.Option(None, help="A folder from `mesh finetune` (prompt or LoRA), or the name of an "
                                            "adapter the servers host."),
+    speculate: str = speculate_option(),
+    draft: str = draft_option(),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
@@ -91,14 +93,18 @@ def chat(
     from mesh.model.errors import MeshError
     from mesh.net.codec import check_compression
 
+    from mesh.model.speculative import parse_speculate
+
     setup_logging(verbose)
     check_compression(compression)
+    mode = parse_speculate(speculate)
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
         lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression,
                                                          exact=exact)
     with lm:
         lm.use_adapter(adapter)
+        lm.use_speculation(mode, draft)
         if lm.tokenizer is None or not has_chat_template(lm.tokenizer):
             raise MeshError(f"{model} has no chat template", hint="use `mesh generate` for raw completion")
         torch.manual_seed(seed)
@@ -109,8 +115,10 @@ def chat(
         def answer(text: str) -> None:
             _, count, seconds = conv.turn(text, sampling, write)
             write("\n")
+            spec = conv.session.generator.speculator
             err.print(f"[dim]{conv.session.describe()} · {count} tokens in {seconds:.1f} s "
-                      f"({count / max(seconds, 1e-9):.1f} tokens/s)[/dim]", highlight=False)
+                      f"({count / max(seconds, 1e-9):.1f} tokens/s){' · ' + spec.summary() if spec else ''}[/dim]",
+                      highlight=False)
 
         try:
             if prompt is not None:

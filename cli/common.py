@@ -17,6 +17,17 @@ def initial_peers_option():
     return typer.Option(None, "--initial-peers", "--peer", help=INITIAL_PEERS_HELP)
 
 
+def speculate_option():
+    return typer.Option("auto", "--speculate", help="Speculative decoding: off, auto (drafts per pass chosen from "
+                        "the acceptance rate and pass times) or a fixed number of drafts per pass (1-8). Greedy "
+                        "output is unchanged; sampled output keeps its distribution.")
+
+
+def draft_option():
+    return typer.Option(None, "--draft", help="Draft with this small local model of the same tokenizer "
+                        "(default: prompt lookup, which needs no model).")
+
+
 def node_config(initial_peers: list[str] | None, listen: list[str] | None = None, identity: Path | None = None,
                 *, server: bool = True, ephemeral: bool = False) -> NodeConfig:
     peers = list(initial_peers or []) or env_initial_peers()

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from mesh.cli.common import initial_peers_option
+from mesh.cli.common import draft_option, initial_peers_option, speculate_option
 from mesh.cli.output import one_line_errors, parse_dtype, stderr, write
 
 
@@ -27,6 +27,8 @@ def generate(
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
     exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
+    speculate: str = speculate_option(),
+    draft: str = draft_option(),
 ) -> None:
     """Generate a completion for one prompt, through the swarm (or every block here with --local)."""
     import torch
@@ -36,8 +38,10 @@ def generate(
     from mesh.model.head import load_tokenizer
     from mesh.model.local import load_local
     from mesh.model.sources import resolve_model
+    from mesh.model.speculative import load_draft, new_speculator, parse_speculate
 
     torch_dtype = parse_dtype(dtype)
+    mode = parse_speculate(speculate)
     torch.manual_seed(seed)
     if local:
         source = resolve_model(model)
@@ -64,7 +68,8 @@ def generate(
         else:
             session = lm.inference_session(ids.shape[1] + max_new_tokens)
             blocks, route = session.run_blocks, session.describe()
-        gen = Generator(head, blocks, tokenizer)
+        drafter = load_draft(draft, head.embedding_layer().num_embeddings) if draft and mode != "off" else None
+        gen = Generator(head, blocks, tokenizer, speculator=new_speculator(mode, drafter))
         text = TextStream(tokenizer)
         started, count = time.perf_counter(), 0
         for token in gen.stream(ids, None, config):
@@ -72,8 +77,9 @@ def generate(
             write(text.push(int(token[0])))
         write("\n")
         elapsed = time.perf_counter() - started
+        spec = f" · {gen.speculator.summary()}" if gen.speculator is not None else ""
         stderr().print(f"[dim]{route} · {count} tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):.1f} tokens/s, "
-                       f"prompt {ids.shape[1]} tokens)[/dim]", highlight=False)
+                       f"prompt {ids.shape[1]} tokens){spec}[/dim]", highlight=False)
     finally:
         if not local:
             lm.close()

@@ -24,6 +24,7 @@ from mesh.model.errors import BadRequest, MeshError
 from mesh.model.generation import Generator, SamplingConfig
 from mesh.model.head import ClientHead, load_head, load_tokenizer
 from mesh.model.sources import ModelSource, resolve_model
+from mesh.model.speculative import load_draft, new_speculator, parse_speculate
 from mesh.net.adapters import ClientLora
 from mesh.net.inference import BanList, InferenceSession, is_exact, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
@@ -43,7 +44,8 @@ class SwarmSession:
         client = model.client
         extra = 0 if model.prefix is None else model.prefix.shape[0]
         self._remote, self._done = client.start_task(self._hold, max_length + extra, batch_size)
-        self.generator = Generator(model.head, self.run_blocks, model.tokenizer, prefix=model.prefix)
+        self.generator = Generator(model.head, self.run_blocks, model.tokenizer, prefix=model.prefix,
+                                   speculator=new_speculator(model.speculate, model.draft))
 
     async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
         client, model = self.model.client, self.model
@@ -109,6 +111,15 @@ class DistributedModelForCausalLM:
         self.compression = compression
         self.lora: ClientLora | None = None  # applied by the servers in every new session
         self.prefix: torch.Tensor | None = None  # trained virtual tokens fed before every session's input
+        self.speculate: str | int = "off"  # drafts per pass in new sessions: off, auto or a fixed number
+        self.draft: torch.nn.Module | None = None  # a local draft model (None: prompt lookup)
+
+    def use_speculation(self, mode: str | int = "auto", draft: str | None = None) -> None:
+        """Speculative decoding in sessions opened from now on: `mode` is off, auto or drafts per pass;
+        `draft` names a small local model of the same tokenizer (default: prompt lookup, no model).
+        Greedy output is unchanged token for token; sampled output keeps its distribution."""
+        self.speculate = parse_speculate(mode)
+        self.draft = load_draft(draft, self.head.embedding_layer().num_embeddings) if draft else None
 
     def use_adapter(self, adapter: str | Path | None) -> None:
         """Apply an adapter to sessions opened from now on: a folder written by `mesh finetune` (prompt or

@@ -9,6 +9,7 @@ pyproject.toml; 5.40 removes the `past_key_values` alias this code no longer use
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,13 @@ def kv_length(cache: DynamicCache, first_layer: int) -> int:
 def kv_crop(cache: DynamicCache, tokens_to_remove: int) -> None:
     if tokens_to_remove > 0:
         cache.crop(-tokens_to_remove)  # only negative counts are accepted in 5.x
+
+
+def lm_logits_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """A whole causal LM's logits for new tokens, extending `cache` (a local draft model's pass)."""
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"  # renamed within the 5.x series
+    return model(input_ids=input_ids, use_cache=True, **{key: cache}).logits
 
 
 class LayerRunner:

@@ -8,7 +8,8 @@ classes in the order `generate()` applies them, so greedy and seeded sampling ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from transformers.generation.logits_process import (
 
 from mesh.model.head import ClientHead
 from mesh.model.span import Span
+from mesh.model.speculative import Speculator, accept_draft
 
 
 class RunBlocks(Protocol):
@@ -93,7 +95,7 @@ class Generator:
     mask: torch.Tensor | None = None  # [B, L]
     fed: int = 0  # how many of `ids` the caches hold
     prefix: torch.Tensor | None = None  # [P, H] trained virtual tokens, fed before the first token
-    finished: torch.Tensor | None = field(default=None, repr=False)
+    speculator: Speculator | None = None  # drafts checked several per pass (batch 1)
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -108,26 +110,50 @@ class Generator:
             config.eos_token_ids[0] if config.eos_token_ids else 0)
         eos = torch.tensor(list(config.eos_token_ids), dtype=torch.long)
         start_len = self.ids.shape[1]
-        for _ in range(config.max_new_tokens):
-            logits = self._feed()[:, -1, :].to(torch.float32)
-            scores = procs(self.ids, logits)
-            if config.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, num_samples=1).squeeze(1)
-            else:
-                token = scores.argmax(dim=-1)
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
-            self._append(token[:, None], None)
-            yield token
-            if len(eos):
-                unfinished &= ~torch.isin(token, eos)
-            if config.stop_strings and self.tokenizer is not None:
-                for b in range(batch):
-                    text = self.tokenizer.decode(self.ids[b, start_len:])
-                    if any(s in text for s in config.stop_strings):
-                        unfinished[b] = False
-            if not unfinished.any():
+        produced = 0
+        try:
+            while produced < config.max_new_tokens and unfinished.any():
+                for token in self._next_tokens(config, procs, config.max_new_tokens - produced):
+                    token = torch.where(unfinished, token, torch.full_like(token, pad))
+                    self._append(token[:, None], None)
+                    produced += 1
+                    yield token
+                    if len(eos):
+                        unfinished &= ~torch.isin(token, eos)
+                    if config.stop_strings and self.tokenizer is not None:
+                        for b in range(batch):
+                            text = self.tokenizer.decode(self.ids[b, start_len:])
+                            if any(s in text for s in config.stop_strings):
+                                unfinished[b] = False
+                    if not unfinished.any():
+                        break
+        finally:  # a pass may have fed drafts that were accepted but not taken (a stop, or the caller left)
+            self.fed = min(self.fed, self.length)
+
+    def _next_tokens(self, config: SamplingConfig, procs: LogitsProcessorList, limit: int) -> list[torch.Tensor]:
+        """One pass through the blocks: its new tokens [B] in order (several when drafts are accepted)."""
+        drafts: list[int] = []
+        length, pending = self.length, self.length - self.fed
+        t0 = time.perf_counter()
+        if self.speculator is not None and self.ids.shape[0] == 1 and limit > 1:
+            drafts = self.speculator.draft(self.ids[0].tolist(), limit - 1)
+        logits = self._feed(drafts)
+        if self.speculator is not None and pending == 1:  # a prompt pass says nothing of a step's cost
+            self.speculator.record_pass(1 + len(drafts), time.perf_counter() - t0)  # drafting included
+        context, out = self.ids, []
+        for i, draft in enumerate(drafts):
+            kept, token = accept_draft(procs(context, logits[:, i].to(torch.float32)), draft, config.do_sample)
+            out.append(token)
+            if not kept:
                 break
+            context = torch.cat([context, token[:, None]], dim=1)
+        else:
+            out.append(_choose(procs(context, logits[:, len(drafts)].to(torch.float32)), config.do_sample))
+        accepted = len(out) - 1
+        self.fed = length + accepted  # the accepted drafts are in the caches; the next pass rolls back the rest
+        if self.speculator is not None:
+            self.speculator.record_outcome(len(drafts), accepted, len(out))
+        return out
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  config: SamplingConfig | None = None,
@@ -150,13 +176,20 @@ class Generator:
             self.ids = torch.cat([self.ids, ids.to(torch.long)], dim=1)
             self.mask = torch.cat([self.mask, mask], dim=1)
 
-    def _feed(self) -> torch.Tensor:
-        """Run the tokens not yet in the caches through the blocks; return their logits."""
-        new_ids = self.ids[:, self.fed:]
+    def _feed(self, drafts: Sequence[int] = ()) -> torch.Tensor:
+        """Run the tokens not yet in the caches, then `drafts`, through the blocks; return the logits of the
+        last fed token of `ids` and of each draft, [B, 1 + len(drafts), V]."""
+        if self.fed >= self.length:  # everything is cached (a stop on an accepted draft): feed the last again
+            self.fed = self.length - 1
+        ids, mask = self.ids, self.mask
+        if drafts:
+            extra = torch.tensor([list(drafts)] * ids.shape[0], dtype=torch.long)
+            ids, mask = torch.cat([ids, extra], dim=1), torch.cat([mask, torch.ones_like(extra)], dim=1)
+        new_ids = ids[:, self.fed:]
         p = 0 if self.prefix is None else self.prefix.shape[0]
-        positions = self.mask.cumsum(-1) - 1 + p
-        positions = positions.masked_fill(self.mask == 0, 1)[:, self.fed:]
-        new_mask = self.mask[:, self.fed:]
+        positions = mask.cumsum(-1) - 1 + p
+        positions = positions.masked_fill(mask == 0, 1)[:, self.fed:]
+        new_mask = mask[:, self.fed:]
         hidden = self.head.embed(new_ids)
         if p and self.fed == 0:  # the virtual tokens go first, at positions 0..P-1, always attended
             batch = hidden.shape[0]
@@ -164,9 +197,16 @@ class Generator:
             positions = torch.cat([torch.arange(p)[None].expand(batch, -1), positions], dim=1)
             new_mask = torch.cat([torch.ones(batch, p, dtype=new_mask.dtype), new_mask], dim=1)
         hidden = self.run_blocks(hidden, positions, new_mask, self.fed + (p if self.fed else 0))
-        self.fed = self.ids.shape[1]
-        return self.head.logits(hidden[:, -1:, :])
+        self.fed = self.length
+        return self.head.logits(hidden[:, -(1 + len(drafts)):, :])
 
     @property
     def length(self) -> int:
         return 0 if self.ids is None else int(self.ids.shape[1])
+
+
+def _choose(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """The next token [B] from processed scores [B, V]."""
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(dim=-1)

@@ -125,6 +125,7 @@ class InfoRequest(Message):
 class InfoReply(Message):
     info: dict
     counters: dict = field(default_factory=dict)
+    session_lengths: list = field(default_factory=list)  # tokens in each open session's cache, ascending
 
 
 # Inference sessions -------------------------------------------------------------------------------

@@ -403,7 +403,8 @@ class Server:
     async def handle_info(self, stream) -> None:
         InfoRequest.from_wire(await wire.read_frame(stream, timeout=10))
         counters = vars(self.counters) | {"cache_tokens_used": self.budget.used}
-        await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters).to_wire())
+        lengths = sorted(s.cache.length for s in self.sessions.values())
+        await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters, lengths).to_wire())
 
     def _sub_span(self, start: int, end: int) -> Span:
         if self.span is None:

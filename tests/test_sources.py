@@ -119,3 +119,4 @@ def test_cli_local_generate_matches_transformers(smollm2, smollm2_model, mesh_ca
                                  pad_token_id=tok.pad_token_id)
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert result.stdout.strip() == expected.strip()
+    assert "drafts accepted" in result.stderr  # speculative by default, and still transformers' tokens
