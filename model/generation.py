@@ -74,8 +74,7 @@ class LocalSpans:
     def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None, position: int) -> torch.Tensor:
         for span, cache in zip(self.spans, self.caches):
-            if cache.length > position:
-                cache.rollback(position)
+            cache.start_at(position)
             hidden = span(hidden, position_ids, cache, attention_mask)
         return hidden
 

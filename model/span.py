@@ -45,6 +45,17 @@ class SpanCache:
         compat.kv_crop(self.kv, self.length - length)
         self.mask = self.mask[:, :length]
 
+    def start_at(self, position: int) -> None:
+        """Before a step at `position`: drop what it replaces (a re-sent step, rejected drafts). A cache
+        that holds fewer tokens cannot be filled from here: the caller must replay them."""
+        if position < 0:
+            raise BadRequest("negative position")
+        if position > self.length:
+            raise BadRequest(f"step expects {position} cached tokens but the cache holds {self.length}",
+                             hint="replay the missing tokens")
+        if self.length > position:
+            self.rollback(position)
+
 
 class SpanGrads(NamedTuple):
     hidden: torch.Tensor

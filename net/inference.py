@@ -31,7 +31,7 @@ from mesh.net.client import RemoteSession, open_session
 from mesh.net.latency import RttTracker
 from mesh.net.messages import History, HistoryRequest, Step, StepResult
 from mesh.net.node import Node, short_id
-from mesh.net.sessions import concat_steps, trim_steps
+from mesh.net.steplog import concat_steps, trim_steps
 from mesh.net.swarm import ServerInfo, ServerState, SwarmTable, block_ranges
 
 log = logging.getLogger("mesh.inference")

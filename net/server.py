@@ -1,8 +1,7 @@
-"""A mesh server: one span of blocks, its protocol handlers, and its announcements.
+"""A mesh server: one span of blocks, its lifecycle, announcements and rebalancing, and its handlers.
 
-Torch work runs in worker threads behind one `CapacityLimiter` (the compute lane), so the event loop
-keeps answering pings, gossip and other sessions while a step computes. Each inference session owns a
-`SpanCache`; the sum of their `max_length × batch` is bounded by the cache-token budget.
+Inference sessions (admission, budget, steps, pushes) live in `net/sessions.py`; all torch work, theirs
+and the training calls', goes through the server's one compute lane (`net/lane.py`).
 """
 
 from __future__ import annotations
@@ -34,22 +33,21 @@ from mesh.net.client import probe_link
 from mesh.net.adapters import AdapterCache
 from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
-                               InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, SessionOpened, Step)
+                               InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
 from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr, short_id
 from mesh.net.relay import establish_reachability, is_circuit
 from mesh.net.latency import RttTracker
-from mesh.net.sessions import ServerSession
+from mesh.net.lane import ComputeLane
+from mesh.net.sessions import MAX_BATCH, Sessions
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
 
 log = logging.getLogger("mesh.server")
 
-MAX_BATCH = 64
 MAX_NEIGHBOURS = 8
-INLINE_TOKENS = 4
 MAX_PROBE_BYTES = 4 << 20
 MAX_KEPT, KEEP_SECONDS = 32, 120.0  # forward graphs kept for training backwards
 REACT_WINDOW = 30.0  # s: a rebalancing check follows a server's departure within U(0, this)
-WARMUP_TOKENS = 256  # steps of at most this many tokens (batch × length) compute on the event loop
+WARMUP_TOKENS = 256  # tokens of the warm-up pass after loading (a replay chunk's order of size)
 
 
 @dataclass
@@ -76,40 +74,9 @@ class ServerConfig:
 
 
 @dataclass
-class Counters:
-    sessions_opened: int = 0
-    sessions_open: int = 0
-    steps_from_clients: int = 0
-    tokens_from_clients: int = 0  # positions clients sent in session steps (history is never re-sent)
-    steps_from_pushes: int = 0
-    pushes_sent: int = 0
-    pushes_relayed: int = 0  # of those, sent over a connection through a relay
+class TrainingCounters:
     forwards: int = 0
     backwards: int = 0
-    errors: int = 0
-    busy_refusals: int = 0
-    compute_seconds: float = 0.0  # wall time of span computations
-
-
-class CacheBudget:
-    """Cache tokens shared by the sessions; a request that does not fit is refused, never queued."""
-
-    def __init__(self, tokens: int) -> None:
-        self.total = tokens
-        self.used = 0
-
-    @property
-    def free(self) -> int:
-        return self.total - self.used
-
-    def reserve(self, tokens: int) -> None:
-        if tokens > self.free:
-            raise wire.Busy(f"server busy: {tokens} cache tokens requested, {self.free} of {self.total} free",
-                            hint="try another server or a shorter max_length")
-        self.used += tokens
-
-    def release(self, tokens: int) -> None:
-        self.used -= tokens
 
 
 def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
@@ -211,11 +178,11 @@ class Server:
         self.moves = 0
         self.node = node
         self.swarm = swarm
-        self.lane = trio.CapacityLimiter(1)
-        self.budget = CacheBudget(config.cache_tokens)
-        self.counters = Counters()
+        self.lane = ComputeLane()
+        self.sessions = Sessions(node, self.lane, config.cache_tokens, config.max_length, config.idle_timeout,
+                                 self._max_numel(), on_change=self.announce_soon)
+        self.training = TrainingCounters()
         self.state = ServerState.JOINING
-        self.sessions: dict[str, ServerSession] = {}
         self.adapters = AdapterCache(hosted)
         self.graphs = KeptGraphs()
         self._announce_now = trio.Event()
@@ -232,7 +199,7 @@ class Server:
         return ServerInfo(
             peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.blocks[0], end=self.blocks[1],
             state=self.state, throughput=self.throughput, inference_rps=m.inference_rps,
-            forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.budget.free,
+            forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.sessions.budget.free,
             dtype=str(self.config.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
             next_pings=dict(self.rtt.rtt), adapters=sorted(self.adapters.hosted), relayed=self.node.relayed,
@@ -355,24 +322,17 @@ class Server:
         need = fresh * block_bytes(self.source.config, self.config.quant, self.config.dtype)
         if need > 0.8 * available_memory():
             log.info("not enough free memory to load %d new blocks beside the old ones: draining first", fresh)
-            await self._wait_sessions(self.config.drain_timeout)
+            await self.sessions.wait_closed(self.config.drain_timeout)
             self.span = self.span.sub(max(start, old[0]), min(end, old[1])) if fresh < end - start else None
         await self.load(start, end)
         self.moves += 1
         await self.set_state(ServerState.ONLINE)
 
-    async def _wait_sessions(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
-            while self.sessions:
-                await trio.sleep(0.1)
-        for session in list(self.sessions.values()):
-            session.cancel()
-
     # ----- handlers ------------------------------------------------------------------------------
 
     def register(self) -> None:
         self.node.set_handler("inference", self.handle_inference)
-        self.node.set_handler("push", self.handle_push)
+        self.node.set_handler("push", self.sessions.handle_push)
         self.node.set_handler("forward", self.handle_forward)
         self.node.set_handler("backward", self.handle_backward)
         self.node.set_handler("info", self.handle_info)
@@ -381,9 +341,6 @@ class Server:
 
     def _max_numel(self) -> int:
         return self.config.max_length * MAX_BATCH * self.source.config.hidden_size
-
-    async def _compute(self, fn, *args):
-        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.lane)
 
     async def handle_ping(self, stream) -> None:
         while True:  # one stream, many pings: RTT without stream-setup cost
@@ -402,9 +359,9 @@ class Server:
 
     async def handle_info(self, stream) -> None:
         InfoRequest.from_wire(await wire.read_frame(stream, timeout=10))
-        counters = vars(self.counters) | {"cache_tokens_used": self.budget.used}
-        lengths = sorted(s.cache.length for s in self.sessions.values())
-        await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters, lengths).to_wire())
+        counters = (vars(self.sessions.counters) | vars(self.training)
+                    | {"compute_seconds": self.lane.seconds, "cache_tokens_used": self.sessions.budget.used})
+        await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters, self.sessions.lengths()).to_wire())
 
     def _sub_span(self, start: int, end: int) -> Span:
         if self.span is None:
@@ -418,14 +375,14 @@ class Server:
         check_compression(req.compression)
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
         if req.keep:
-            graph = await self._compute(span.forward_with_graph, req.hidden, req.position_ids, req.attention_mask,
-                                        req.prompts, lora)
+            graph = await self.lane.run(lambda: span.forward_with_graph(req.hidden, req.position_ids,
+                                                                        req.attention_mask, req.prompts, lora))
             self.graphs.put((_peer(stream), req.keep), (req.start, req.end, graph))
             out = graph.output.detach().to(req.hidden.dtype)
         else:
-            out = await self._compute(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
+            out = await self.lane.run(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
                                                    req.prompts, lora).to(req.hidden.dtype))
-        self.counters.forwards += 1
+        self.training.forwards += 1
         await wire.write_frame(stream, ForwardReply(out).to_wire(req.compression))
 
     async def handle_backward(self, stream) -> None:
@@ -438,11 +395,11 @@ class Server:
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
         kept = self.graphs.pop((_peer(stream), req.keep)) if req.keep else None
         if kept is not None and kept[:2] == (req.start, req.end) and kept[2].output.shape == req.grad_output.shape:
-            grads = await self._compute(kept[2].backward, req.grad_output)
+            grads = await self.lane.run(lambda: kept[2].backward(req.grad_output))
         else:  # nothing kept (another server ran the forward, or it expired): recompute it
-            grads = await self._compute(span.backward, req.hidden, req.grad_output, req.position_ids,
-                                        req.attention_mask, req.prompts, lora)
-        self.counters.backwards += 1
+            grads = await self.lane.run(lambda: span.backward(req.hidden, req.grad_output, req.position_ids,
+                                                              req.attention_mask, req.prompts, lora))
+        self.training.backwards += 1
         reply = BackwardReply(grads.hidden.to(req.hidden.dtype),
                               grads.prompts.to(req.hidden.dtype) if grads.prompts is not None else None,
                               [encode_tensor(g) for g in grads.lora] if grads.lora is not None else None)
@@ -455,81 +412,14 @@ class Server:
     async def handle_inference(self, stream) -> None:
         opened = OpenSession.from_wire(await wire.read_frame(stream, timeout=30))
         self._check_serving()
-        check_compression(opened.compression)
-        if not 1 <= opened.batch_size <= MAX_BATCH:
-            raise BadRequest(f"batch_size {opened.batch_size} is outside 1..{MAX_BATCH}")
-        if not 1 <= opened.max_length <= self.config.max_length:
-            raise BadRequest(f"max_length {opened.max_length} is outside 1..{self.config.max_length}")
         span = self._sub_span(opened.start, opened.end)
         lora = self.adapters.resolve(opened.lora, opened.start, opened.end, self._max_numel())
-        tokens = opened.max_length * opened.batch_size
-        try:
-            self.budget.reserve(tokens)
-        except wire.Busy:
-            self.counters.busy_refusals += 1
-            raise
-        self._announce_now.set()
-        self.counters.sessions_opened += 1
-        self.counters.sessions_open += 1
-        peer = short_id(stream.muxed_conn.peer_id.to_base58())
-        log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", opened.session_id[:8], peer,
-                 span.start, span.end, opened.batch_size, opened.max_length)
-        step = functools.partial(self._step, lora=lora)
-        session = ServerSession(self.node, opened, span, stream, step, self.counters,
-                                self.config.idle_timeout, self._max_numel())
-        try:
-            self.sessions[opened.session_id] = session
-            await wire.write_frame(stream, SessionOpened(opened.session_id, opened.max_length).to_wire())
-            await session.run()
-        finally:
-            self.sessions.pop(opened.session_id, None)
-            self.budget.release(tokens)
-            self.counters.sessions_open -= 1
-            self._announce_now.set()
-            log.info("session %s closed", opened.session_id[:8])
-
-    async def handle_push(self, stream) -> None:
-        """Steps pushed by the previous server of a chain, each addressed to one of our sessions."""
-        while True:
-            try:
-                frame = await wire.read_frame(stream, timeout=self.config.idle_timeout + 60)
-            except wire.StreamClosed:
-                return
-            step = Step.from_wire(frame, max_numel=self._max_numel())
-            session = self.sessions.get(step.session_id)
-            if session is None:
-                err = BadRequest(f"no session {step.session_id[:8]} here", hint="it expired or was never opened")
-                await wire.write_frame(stream, wire.error_frame(err, step_id=step.step_id))
-                continue
-            await session.deliver_push(step)
-
-    async def _step(self, span: Span, cache, step: Step, lora: LoraWeights | None = None) -> torch.Tensor:
-        if step.position > cache.length:
-            raise BadRequest(f"step expects {step.position} cached tokens but the cache holds {cache.length}",
-                             hint="replay the missing tokens")
-        if step.position < 0:
-            raise BadRequest("negative position")
-
-        def run() -> torch.Tensor:
-            t0 = time.perf_counter()
-            if cache.length > step.position:
-                cache.rollback(step.position)
-            with torch.no_grad():
-                out = span(step.hidden, step.position_ids, cache, step.attention_mask, step.prompts, lora)
-            self.counters.compute_seconds += time.perf_counter() - t0
-            return out.to(step.hidden.dtype)
-
-        if step.hidden.shape[0] * step.hidden.shape[1] <= INLINE_TOKENS:
-            # A decode step is short: running it on the event loop saves a thread handoff and GIL
-            # ping-pong per hop (~1 ms), and delays other tasks by one step at most.
-            async with self.lane:
-                return run()
-        return await trio.to_thread.run_sync(run, limiter=self.lane)
+        await self.sessions.serve(stream, opened, span, lora)
 
     async def drain(self) -> None:
         """Stop taking sessions, let open ones finish briefly, then say goodbye."""
         await self.set_state(ServerState.DRAINING)
-        await self._wait_sessions(self.config.drain_timeout)
+        await self.sessions.wait_closed(self.config.drain_timeout)
         await self.set_state(ServerState.OFFLINE)
         await self.swarm.flush()
 

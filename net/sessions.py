@@ -1,4 +1,8 @@
-"""Server side of an inference session: its cache, its inbox, and the push link to the next server.
+"""Server side of inference sessions: admission, and each session's cache, inbox and push link.
+
+`Sessions` admits a session (its sizes checked, its cache tokens reserved from the server's budget or
+`busy` answered, never queued), routes pushed steps to it, computes its steps in the compute lane, and
+keeps the counters `mesh status` and the info call report. `ServerSession` is one session.
 
 Steps reach a session from two places: its client's stream and the push stream of the previous server.
 Both feed one inbox, so steps are processed one at a time in arrival order; the position each step
@@ -10,33 +14,161 @@ after a failure. Only the last server of the chain answers the client on every s
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import torch
 import trio
 
 from mesh.model.errors import BadRequest, MeshError
+from mesh.model.lora import LoraWeights
 from mesh.model.span import Span, SpanCache
 from mesh.net import wire
-from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, OpenSession, Relink, Step,
-                               StepResult)
+from mesh.net.codec import check_compression
+from mesh.net.lane import ComputeLane
+from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, OpenSession, Relink, SessionOpened,
+                               Step, StepResult)
 from mesh.net.node import Node, PeerUnavailable, short_id
 from mesh.net.relay import is_relayed
+from mesh.net.steplog import concat_steps, trim_steps
 
-if TYPE_CHECKING:
-    from mesh.net.server import Counters
+__all__ = ["Sessions", "ServerSession", "SessionCounters", "CacheBudget", "MAX_BATCH"]
 
 log = logging.getLogger("mesh.session")
 
 INBOX = 64
+MAX_BATCH = 64
 StepFn = Callable[[Span, SpanCache, Step], Awaitable[torch.Tensor]]
 
 
+@dataclass
+class SessionCounters:
+    sessions_opened: int = 0
+    sessions_open: int = 0
+    steps_from_clients: int = 0
+    tokens_from_clients: int = 0  # positions clients sent in session steps (history is never re-sent)
+    steps_from_pushes: int = 0
+    pushes_sent: int = 0
+    pushes_relayed: int = 0  # of those, sent over a connection through a relay
+    errors: int = 0
+    busy_refusals: int = 0
+
+
+class CacheBudget:
+    """Cache tokens shared by the sessions; a request that does not fit is refused, never queued."""
+
+    def __init__(self, tokens: int) -> None:
+        self.total = tokens
+        self.used = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    def reserve(self, tokens: int) -> None:
+        if tokens > self.free:
+            raise wire.Busy(f"server busy: {tokens} cache tokens requested, {self.free} of {self.total} free",
+                            hint="try another server or a shorter max_length")
+        self.used += tokens
+
+    def release(self, tokens: int) -> None:
+        self.used -= tokens
+
+
+class Sessions:
+    """A server's open sessions, the cache budget they share, and their counters."""
+
+    def __init__(self, node: Node, lane: ComputeLane, cache_tokens: int, max_length: int, idle_timeout: float,
+                 max_numel: int, on_change: Callable[[], None] = lambda: None) -> None:
+        self.node, self.lane = node, lane
+        self.budget = CacheBudget(cache_tokens)
+        self.counters = SessionCounters()
+        self.max_length, self.idle_timeout, self.max_numel = max_length, idle_timeout, max_numel
+        self.on_change = on_change  # the free cache changed: announce soon
+        self._open: dict[str, ServerSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def lengths(self) -> list[int]:
+        """Tokens in each open session's cache, ascending."""
+        return sorted(s.cache.length for s in self._open.values())
+
+    async def serve(self, stream, opened: OpenSession, span: Span, lora: LoraWeights | None) -> None:
+        """Admit the session `opened` on `stream`, answer it, and run it until it closes."""
+        check_compression(opened.compression)
+        if not 1 <= opened.batch_size <= MAX_BATCH:
+            raise BadRequest(f"batch_size {opened.batch_size} is outside 1..{MAX_BATCH}")
+        if not 1 <= opened.max_length <= self.max_length:
+            raise BadRequest(f"max_length {opened.max_length} is outside 1..{self.max_length}")
+        tokens = opened.max_length * opened.batch_size
+        try:
+            self.budget.reserve(tokens)
+        except wire.Busy:
+            self.counters.busy_refusals += 1
+            raise
+        self.on_change()
+        self.counters.sessions_opened += 1
+        self.counters.sessions_open += 1
+        log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", opened.session_id[:8],
+                 short_id(stream.muxed_conn.peer_id.to_base58()), span.start, span.end, opened.batch_size,
+                 opened.max_length)
+        session = ServerSession(self.node, opened, span, stream, functools.partial(self.step, lora=lora),
+                                self.counters, self.idle_timeout, self.max_numel)
+        try:
+            self._open[opened.session_id] = session
+            await wire.write_frame(stream, SessionOpened(opened.session_id, opened.max_length).to_wire())
+            await session.run()
+        finally:
+            self._open.pop(opened.session_id, None)
+            self.budget.release(tokens)
+            self.counters.sessions_open -= 1
+            self.on_change()
+            log.info("session %s closed", opened.session_id[:8])
+
+    async def step(self, span: Span, cache: SpanCache, step: Step, lora: LoraWeights | None = None) -> torch.Tensor:
+        """One step of a session: its position checked against the cache, then the span, in the lane."""
+        cache.start_at(step.position)  # steps of a session come one at a time: its cache is its own
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                out = span(step.hidden, step.position_ids, cache, step.attention_mask, step.prompts, lora)
+            return out.to(step.hidden.dtype)
+
+        return await self.lane.run(run, tokens=step.hidden.shape[0] * step.hidden.shape[1])
+
+    async def handle_push(self, stream) -> None:
+        """Steps pushed by the previous server of a chain, each addressed to one of our sessions."""
+        while True:
+            try:
+                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60)
+            except wire.StreamClosed:
+                return
+            step = Step.from_wire(frame, max_numel=self.max_numel)
+            session = self._open.get(step.session_id)
+            if session is None:
+                err = BadRequest(f"no session {step.session_id[:8]} here", hint="it expired or was never opened")
+                await wire.write_frame(stream, wire.error_frame(err, step_id=step.step_id))
+                continue
+            await session.deliver_push(step)
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Let open sessions finish for up to `timeout` s, then cancel the rest."""
+        with trio.move_on_after(timeout):
+            while self._open:
+                await trio.sleep(0.1)
+        for session in list(self._open.values()):
+            session.cancel()
+
+
 class ServerSession:
+    """One session: its cache, its inbox (client steps and pushed steps, in arrival order), its push link."""
+
     def __init__(self, node: Node, opened: OpenSession, span: Span, client_stream, step_fn: StepFn,
-                 counters: "Counters", idle_timeout: float, max_numel: int) -> None:
+                 counters: SessionCounters, idle_timeout: float, max_numel: int) -> None:
         self.node = node
         self.opened = opened
         self.span = span
@@ -185,31 +317,3 @@ class ServerSession:
                 await wire.write_frame(self.client_stream, frame, timeout=30)
             except wire.WireError:
                 self._cancel.cancel()
-
-
-def concat_steps(steps: list[Step], before: int, batch: int, hidden_size: int) -> History:
-    """Steps covering positions [0, before) joined into one History (a straddling step is cut)."""
-    hs, ps, ms = [], [], []
-    for step in steps:
-        if step.position >= before:
-            break
-        n = min(step.hidden.shape[1], before - step.position)
-        hs.append(step.hidden[:, :n])
-        ps.append(step.position_ids[:, :n])
-        mask = step.attention_mask if step.attention_mask is not None else torch.ones_like(step.position_ids)
-        ms.append(mask[:, :n].to(torch.long))
-    if not hs:
-        return History(torch.zeros(batch, 0, hidden_size), torch.zeros(batch, 0, dtype=torch.long),
-                       torch.zeros(batch, 0, dtype=torch.long))
-    return History(torch.cat(hs, 1), torch.cat(ps, 1), torch.cat(ms, 1))
-
-
-def trim_steps(steps: list[Step], position: int) -> None:
-    """Drop what a step at `position` replaces: everything at or after it, cutting a straddling step."""
-    while steps and steps[-1].position >= position:
-        steps.pop()
-    if steps and steps[-1].position + steps[-1].hidden.shape[1] > position:
-        last = steps[-1]
-        n = position - last.position
-        mask = last.attention_mask[:, :n] if last.attention_mask is not None else None
-        steps[-1] = Step(last.step_id, last.position, last.hidden[:, :n], last.position_ids[:, :n], mask)

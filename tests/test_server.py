@@ -74,7 +74,7 @@ async def test_two_sessions_budget_and_idle_timeout(tiny_dirs):
             a = await s1.step(x, pos)
             b = await s2.step(x * 2, pos)
             assert not torch.equal(a, b)
-            assert server.budget.used == 100
+            assert server.sessions.budget.used == 100
             with pytest.raises(wire.Busy):
                 async with open_session(client, info, 1, 5, max_length=10):
                     pass
@@ -84,7 +84,7 @@ async def test_two_sessions_budget_and_idle_timeout(tiny_dirs):
             await trio.sleep(2.0)  # idle longer than the timeout: the server closes the session
             with pytest.raises(PeerUnavailable):
                 await s3.step(x[:, :1], pos[:, :1] + 4, timeout=5)
-        assert server.budget.used == 0
+        assert server.sessions.budget.used == 0
 
 
 async def test_bad_requests_get_errors_and_the_server_goes_on(tiny_dirs):
@@ -128,7 +128,7 @@ async def test_bad_requests_get_errors_and_the_server_goes_on(tiny_dirs):
                 pass
         # after all that, a correct request is answered exactly
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos), local(x, pos))
-        assert server.counters.errors == 2  # the session's two bad steps, each answered in the session
+        assert server.sessions.counters.errors == 2  # the session's two bad steps, each answered in the session
 
 
 async def test_link_probe_and_a_second_server_uses_it(tiny_dirs):
@@ -199,4 +199,4 @@ async def test_backward_on_a_kept_graph_equals_a_recomputed_one(tiny_dirs):
         fresh = await remote_backward(client, info, 1, 5, x, grad_out, pos)
         assert torch.equal(out, await remote_forward(client, info, 1, 5, x, pos))
         assert torch.allclose(kept.hidden, fresh.hidden, atol=1e-6)
-        assert server.counters.backwards == 2
+        assert server.training.backwards == 2
