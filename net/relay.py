@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import multiaddr
 import trio
@@ -138,7 +138,7 @@ class DialBackReply(Message):
     dialable: list = field(default_factory=list)  # "/ip4/<observed ip>/tcp/<port>" that accepted
 
 
-def serve_dialback(node) -> None:
+def serve_dialback(node: RelayHost) -> None:
     async def handle(stream) -> None:
         req = DialBack.from_wire(await wire.read_frame(stream, timeout=10))
         remote = stream.muxed_conn.get_remote_address() if not is_relayed(stream.muxed_conn) else None
@@ -158,7 +158,7 @@ def serve_dialback(node) -> None:
     node.set_handler("dialback", handle)
 
 
-def listen_ports(node) -> list[int]:
+def listen_ports(node: RelayHost) -> list[int]:
     ports = set()
     for a in node.host.get_addrs():
         try:
@@ -168,7 +168,7 @@ def listen_ports(node) -> list[int]:
     return sorted(ports)
 
 
-async def check_dialable(node, peers: list[str]) -> tuple[bool | None, list[str]]:
+async def check_dialable(node: RelayHost, peers: list[str]) -> tuple[bool | None, list[str]]:
     """Ask up to three `peers` to dial us back: (dialable?, addresses that worked); None: nobody answered."""
     ports = listen_ports(node)
     answers: list[list[str]] = []
@@ -201,6 +201,29 @@ class RelayState:
     expire: float = 0.0  # unix time, as the relay set it
 
 
+class RelayHost(Protocol):
+    """What this module needs of a node. `net/node.py`'s Node is one; the node imports this module, so
+    this module names the interface instead of importing the node back."""
+
+    host: Any  # the libp2p host
+    nursery: trio.Nursery
+    peer_id: str
+    relay_addrs: list[str] | None
+    observed_addrs: list[str]
+
+    def connected_peers(self) -> list[str]: ...
+
+    def set_handler(self, name: str, handler: Callable[[Any], Awaitable[None]]) -> None: ...
+
+    async def connect(self, addr: str | PeerInfo, *, timeout: float | None = None) -> str: ...
+
+    async def request(self, peer_id: str, name: str, message: Message, *, timeout: float = 30.0,
+                      **kwargs: Any) -> Message: ...
+
+
+Pinger = Callable[[str], Awaitable[object]]  # one ping to a peer id; raises when it goes unanswered
+
+
 class RelaySlot:
     """Keep one reservation on a dialable peer, moving to another when the relay goes away.
 
@@ -208,21 +231,21 @@ class RelaySlot:
     after every new reservation so the owner re-announces its addresses at once.
     """
 
-    def __init__(self, node, candidates: Callable[[], list[tuple[str, list[str]]]],
-                 on_change: Callable[[], None]) -> None:
+    def __init__(self, node: RelayHost, candidates: Callable[[], list[tuple[str, list[str]]]],
+                 on_change: Callable[[], None], ping: Pinger) -> None:
         self.node = node
         self.candidates = candidates
         self.on_change = on_change
+        self.ping = ping
         self.state = RelayState()
         self._banned: dict[str, float] = {}
         self._missed = 0
         self._lost = False  # the relay stopped answering pings though its connection looks open
 
     async def _ping_relay(self) -> None:
-        from mesh.net.client import ping  # the client module builds on this one
-
         try:
-            await ping(self.node, self.state.relay_id, count=1, timeout=PING_TIMEOUT)
+            with trio.fail_after(PING_TIMEOUT):
+                await self.ping(self.state.relay_id)
             self._missed = 0
         except Exception as e:
             self._missed += 1
@@ -293,15 +316,15 @@ class RelaySlot:
             await trio.sleep(WATCH_PERIOD * random.uniform(0.8, 1.2))
 
 
-async def establish_reachability(node, candidates: Callable[[], list[tuple[str, list[str]]]],
-                                 on_change: Callable[[], None]) -> RelaySlot | None:
+async def establish_reachability(node: RelayHost, candidates: Callable[[], list[tuple[str, list[str]]]],
+                                 on_change: Callable[[], None], ping: Pinger) -> RelaySlot | None:
     """Find out whether peers can dial us; if not, hold a relay slot (kept by a task in the node's nursery)
     until the node closes. A node with no peer to ask (the first of a swarm) counts as dialable."""
     dialable, worked = await check_dialable(node, node.connected_peers())
     if dialable is False:
         node.relay_addrs = []
         log.warning("peers cannot dial this node (dial-back failed): serving through a relay")
-        slot = RelaySlot(node, candidates, on_change)
+        slot = RelaySlot(node, candidates, on_change, ping)
         await node.nursery.start(slot.run)
         return slot
     node.observed_addrs = worked

@@ -29,13 +29,13 @@ from mesh.model.quant import quantizer
 from mesh.model.sources import ModelSource, cache_root, resolve_model
 from mesh.model.span import Span, load_span
 from mesh.net import wire
-from mesh.net.client import probe_link
+from mesh.net.client import ping, probe_link
 from mesh.net.adapters import AdapterCache
 from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                                InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
 from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr, short_id
-from mesh.net.relay import establish_reachability, is_circuit
+from mesh.net.relay import PING_TIMEOUT, establish_reachability, is_circuit
 from mesh.net.latency import RttTracker
 from mesh.net.lane import ComputeLane
 from mesh.net.sessions import MAX_BATCH, Sessions
@@ -449,7 +449,8 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
     async with open_node(config.node) as node, open_swarm(node, follow=[source.model_id]) as swarm:
         servers: list[Server] = []  # a relay change asks the server (once it exists) to announce at once
         await establish_reachability(node, functools.partial(relay_candidates, swarm, config.node),
-                                     lambda: servers and servers[0].announce_soon())
+                                     lambda: servers and servers[0].announce_soon(),
+                                     functools.partial(ping, node, count=1, timeout=PING_TIMEOUT))
         measurement = await measure_throughput(config, source, node)
         if fixed is None:
             length = blocks_that_fit(source, config)
