@@ -21,7 +21,7 @@ from mesh.net import wire
 from mesh.net.adapters import ClientLora
 from mesh.net.codec import decode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
-                               InfoReply, InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step,
+                               InfoReply, InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step,
                                StepResult)
 from mesh.net.node import Node, PeerUnavailable
 from mesh.net.swarm import ServerInfo
@@ -49,6 +49,10 @@ class RemoteSession:
     def peer_id(self) -> str:
         return self.server.peer_id
 
+    def as_next_hop(self) -> NextHop:
+        """This session as the push target of the server before it."""
+        return NextHop(self.server.peer_id, tuple(self.server.addrs), self.session_id)
+
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *, position: int | None = None,
                    prompts: torch.Tensor | None = None, timeout: float = STEP_TIMEOUT) -> torch.Tensor:
@@ -65,7 +69,7 @@ class RemoteSession:
         self.position = position + hidden.shape[1]
         return result.hidden
 
-    async def relink(self, next_hop: dict | None) -> None:
+    async def relink(self, next_hop: NextHop | None) -> None:
         await wire.write_frame(self.stream, Relink(next_hop).to_wire())
 
     async def close(self) -> None:
@@ -78,7 +82,7 @@ class RemoteSession:
 
 @asynccontextmanager
 async def open_session(node: Node, server: ServerInfo, start: int, end: int, max_length: int,
-                       batch_size: int = 1, *, compression: str = "none", next_hop: dict | None = None,
+                       batch_size: int = 1, *, compression: str = "none", next_hop: NextHop | None = None,
                        lora: ClientLora | None = None, timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
     node.remember(server.peer_id, server.addrs)
     opened = OpenSession(secrets.token_hex(8), start, end, max_length, batch_size, compression, next_hop,

@@ -29,7 +29,7 @@ from mesh.net import wire
 from mesh.net.adapters import ClientLora
 from mesh.net.client import RemoteSession, open_session
 from mesh.net.latency import RttTracker
-from mesh.net.messages import History, HistoryRequest, Step, StepResult
+from mesh.net.messages import History, HistoryRequest, NextHop, Step, StepResult
 from mesh.net.node import Node, short_id
 from mesh.net.steplog import concat_steps, trim_steps
 from mesh.net.swarm import ServerInfo, ServerState, SwarmTable, block_ranges
@@ -46,9 +46,11 @@ class RouteUnavailable(MeshError):
 
 
 class HopFailed(MeshError):
+    """A step failed at hop `index`, or somewhere unknown (None: no result came back in time)."""
+
     code = "unavailable"
 
-    def __init__(self, index: int, message: str) -> None:
+    def __init__(self, index: int | None, message: str) -> None:
         super().__init__(message)
         self.index = index
 
@@ -141,8 +143,8 @@ class InferenceSession:
             except HopFailed as e:
                 if attempt == MAX_RECOVERIES:
                     raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {e}") from e
-                who = short_id(self.hops[e.index].hop.peer_id) if e.index >= 0 else "unknown"
-                log.warning("hop %d (%s) failed: %s", e.index, who, e)
+                who = f"hop {e.index} ({short_id(self.hops[e.index].hop.peer_id)})" if e.index is not None else "a hop"
+                log.warning("%s failed: %s", who, e)
                 t0 = time.perf_counter()
                 dead = sorted(await self._dead_hops(e.index))
                 log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
@@ -158,8 +160,7 @@ class InferenceSession:
         return BASE_TIMEOUT + 4 * expected
 
     async def _step_once(self, msg: Step) -> torch.Tensor:
-        self._step_ids += 1
-        step = Step(self._step_ids, msg.position, msg.hidden, msg.position_ids, msg.attention_mask)
+        step = Step(self._next_step_id(), msg.position, msg.hidden, msg.position_ids, msg.attention_mask)
         send, receive = trio.open_memory_channel(1)
         self._waiting[step.step_id] = send
         timeout = self._deadline(msg.hidden.shape[1])
@@ -173,11 +174,15 @@ class InferenceSession:
                 if isinstance(outcome, BaseException):
                     raise outcome
                 return outcome
-            raise HopFailed(-1, f"no result within {timeout:.1f} s")
+            raise HopFailed(None, f"no result within {timeout:.1f} s")
         finally:
             self._waiting.pop(step.step_id, None)
 
-    async def _read(self, index_of: Callable[[], int], state: HopState) -> None:
+    def _next_step_id(self) -> int:
+        self._step_ids += 1
+        return self._step_ids
+
+    async def _read(self, index_of: Callable[[], int | None], state: HopState) -> None:
         """Frames from one hop: the last hop's results answer steps; errors fail the waiting step."""
         while True:
             try:
@@ -245,7 +250,7 @@ class InferenceSession:
                                      lambda s: s.peer_id not in banned and self.accept(s))
         return block_ranges([b for b in range(start, end) if counts[b] == 0]) or f"{start}:{end}"
 
-    async def _open_hops(self, route: list[Hop], next_hop: dict | None) -> list[HopState]:
+    async def _open_hops(self, route: list[Hop], next_hop: NextHop | None) -> list[HopState]:
         """Sessions for `route`, last first, the last one pushing to `next_hop`."""
         by_id = {s.peer_id: s for s in self.table.all(self.model_id)}
         states: list[HopState] = []
@@ -262,7 +267,7 @@ class InferenceSession:
                         compression=self.compression, next_hop=next_hop, lora=self.lora))
                 except (MeshError, trio.TooSlowError) as e:
                     raise OpenFailed(hop.peer_id, f"cannot open a session on {short_id(hop.peer_id)}: {e}") from e
-                next_hop = {"peer_id": info.peer_id, "addrs": info.addrs, "session_id": states[-1].session.session_id}
+                next_hop = states[-1].session.as_next_hop()
         except BaseException:
             for st in states:
                 await _close_quietly(st.stack)
@@ -275,9 +280,9 @@ class InferenceSession:
 
     async def _reader_task(self, state: HopState) -> None:
         with state.scope:
-            await self._read(lambda: self.hops.index(state) if state in self.hops else 0, state)
+            await self._read(lambda: self.hops.index(state) if state in self.hops else None, state)
 
-    async def _open_route(self, start: int, end: int, banned: frozenset[str], next_hop: dict | None,
+    async def _open_route(self, start: int, end: int, banned: frozenset[str], next_hop: NextHop | None,
                           replay: History | None = None) -> list[HopState]:
         """Plan and open a chain for [start, end); servers that fail to open (or to replay) are banned and
         routed around until the route wait runs out."""
@@ -308,10 +313,10 @@ class InferenceSession:
         self._start_readers(self.hops)
         log.info("inference session through %s", self.describe())
 
-    async def _dead_hops(self, hint: int) -> set[int]:
+    async def _dead_hops(self, hint: int | None) -> set[int]:
         """Which hops are gone: the one a failure names; after a timeout (no name), those that do not
         answer a ping or are no longer ONLINE in the table."""
-        if hint >= 0:
+        if hint is not None:
             return {hint}
         dead: set[int] = set()
 
@@ -371,14 +376,12 @@ class InferenceSession:
                  start, end, ", ".join(short_id(st.hop.peer_id) for st in new), history.hidden.shape[1],
                  (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
         if after is not None:  # the new tail pushes to the hop after the run
-            await new[-1].session.relink({"peer_id": after.info.peer_id, "addrs": after.info.addrs,
-                                          "session_id": after.session.session_id})
+            await new[-1].session.relink(after.session.as_next_hop())
         old = self.hops[first:last + 1]
         self.hops[first:last + 1] = new
         if first > 0:
             prev = self.hops[first - 1]
-            await prev.session.relink({"peer_id": new[0].info.peer_id, "addrs": new[0].info.addrs,
-                                       "session_id": new[0].session.session_id})
+            await prev.session.relink(new[0].session.as_next_hop())
         self._start_readers(new)
         for st in old:
             st.scope.cancel()
@@ -400,12 +403,11 @@ class InferenceSession:
         """Feed the history through the new hops (pushing among themselves) so their caches match."""
         total = history.hidden.shape[1]
         for n, st in enumerate(new[:-1]):
-            await st.session.relink({"peer_id": new[n + 1].info.peer_id, "addrs": new[n + 1].info.addrs,
-                                     "session_id": new[n + 1].session.session_id})
+            await st.session.relink(new[n + 1].session.as_next_hop())
         tail = new[-1].session.stream
         for a in range(0, total, REPLAY_CHUNK):
             b = min(total, a + REPLAY_CHUNK)
-            step = Step(-1 - a, a, history.hidden[:, a:b], history.position_ids[:, a:b], history.attention_mask[:, a:b],
+            step = Step(self._next_step_id(), a, history.hidden[:, a:b], history.position_ids[:, a:b], history.attention_mask[:, a:b],
                         want_output=False)
             timeout = self._deadline(b - a) * (1 + len(new))
             await wire.write_frame(new[0].session.stream, step.to_wire(self.compression), timeout=timeout)

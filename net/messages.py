@@ -36,6 +36,8 @@ class Message:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = encode_tensor(value, compression)
+            elif isinstance(value, NextHop):
+                value = value.to_wire()
             out[f.name] = value
         return out
 
@@ -60,12 +62,15 @@ class Message:
             value = frame[f.name]
             if f.name in kind.TENSORS and value is not None:
                 value = decode_tensor(value, max_numel=max_numel, name=f"{kind.TYPE}.{f.name}")
+            elif f.name in kind.NEXT_HOPS and value is not None:
+                value = NextHop.from_wire(value, name=f"{kind.TYPE}.{f.name}")
             values[f.name] = value
         msg = kind(**values)
         msg.validate()
         return msg
 
     TENSORS: ClassVar[tuple[str, ...]] = ()
+    NEXT_HOPS: ClassVar[tuple[str, ...]] = ()  # fields holding a NextHop
 
     def validate(self) -> None:
         """Type checks of scalar fields; subclasses with ranges add their own."""
@@ -75,6 +80,36 @@ class Message:
             if expected is not None and not isinstance(value, expected) or isinstance(value, bool) and \
                     str(f.type) == "int":
                 raise BadRequest(f"{self.TYPE}.{f.name} must be {f.type}")
+
+
+MAX_ID = 128  # characters of a peer or session id
+MAX_ADDRS, MAX_ADDR = 16, 512
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a server pushes a session's outputs: the next server's peer id, its addresses, its session."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    session_id: str
+
+    def to_wire(self) -> dict:
+        return {"peer_id": self.peer_id, "addrs": list(self.addrs), "session_id": self.session_id}
+
+    @classmethod
+    def from_wire(cls, d: object, name: str = "next") -> "NextHop":
+        """Checked field by field: a peer names the next hop, and nothing it sends is trusted."""
+        if not isinstance(d, dict):
+            raise BadRequest(f"{name} must be {{peer_id, addrs, session_id}}")
+        peer_id, addrs, session_id = d.get("peer_id"), d.get("addrs", []), d.get("session_id")
+        for field_name, value in (("peer_id", peer_id), ("session_id", session_id)):
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_ID:
+                raise BadRequest(f"{name}.{field_name} must be a string of 1..{MAX_ID} characters")
+        if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS or not all(
+                isinstance(a, str) and len(a) <= MAX_ADDR for a in addrs):
+            raise BadRequest(f"{name}.addrs must be a list of at most {MAX_ADDRS} addresses")
+        return cls(peer_id, tuple(addrs), session_id)
 
 
 _SCALARS = {"int": int, "str": str, "float": (int, float), "bool": bool, "dict": dict, "list": list}
@@ -139,8 +174,9 @@ class OpenSession(Message):
     max_length: int
     batch_size: int = 1
     compression: str = "none"
-    next: dict | None = None  # {"peer_id", "addrs", "session_id"} of the next server, for pushes
+    next: NextHop | None = None  # the next server's session, for pushes
     lora: dict | None = None  # LoraRef.to_wire(): adapters applied to every step of the session
+    NEXT_HOPS: ClassVar[tuple[str, ...]] = ("next",)
 
 
 @dataclass
@@ -187,7 +223,8 @@ class History(Message):
 
 @dataclass
 class Relink(Message):
-    next: dict | None = None
+    next: NextHop | None = None
+    NEXT_HOPS: ClassVar[tuple[str, ...]] = ("next",)
 
 
 @dataclass

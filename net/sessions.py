@@ -29,8 +29,8 @@ from mesh.model.span import Span, SpanCache
 from mesh.net import wire
 from mesh.net.codec import check_compression
 from mesh.net.lane import ComputeLane
-from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, OpenSession, Relink, SessionOpened,
-                               Step, StepResult)
+from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Relink,
+                               SessionOpened, Step, StepResult)
 from mesh.net.node import Node, PeerUnavailable, short_id
 from mesh.net.relay import is_relayed
 from mesh.net.steplog import concat_steps, trim_steps
@@ -178,7 +178,7 @@ class ServerSession:
         self.counters = counters
         self.idle_timeout = idle_timeout
         self.max_numel = max_numel
-        self.next: dict | None = opened.next
+        self.next: NextHop | None = opened.next
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[tuple[str, Step]](INBOX)
         self._client_lock = trio.Lock()
         self._push_stack: AsyncExitStack | None = None
@@ -227,7 +227,7 @@ class ServerSession:
             if isinstance(msg, Relink):
                 await self._close_push()
                 self.next = msg.next
-                log.info("session %s relinked to %s", self.id[:8], short_id(msg.next["peer_id"]) if msg.next else "-")
+                log.info("session %s relinked to %s", self.id[:8], short_id(msg.next.peer_id) if msg.next else "-")
                 continue
             if not isinstance(msg, Step):
                 await self._send_client(wire.error_frame(BadRequest(f"unexpected {msg.TYPE} in a session")))
@@ -274,7 +274,7 @@ class ServerSession:
     async def _push(self, step: Step, out: torch.Tensor) -> None:
         nxt = self.next
         pushed = Step(step.step_id, step.position, out, step.position_ids, step.attention_mask, None,
-                      session_id=nxt["session_id"], want_output=step.want_output)
+                      session_id=nxt.session_id, want_output=step.want_output)
         try:
             if self._push_stream is None:
                 await self._open_push(nxt)
@@ -284,16 +284,16 @@ class ServerSession:
         except (MeshError, trio.TooSlowError) as e:
             await self._close_push()
             failed = PeerUnavailable(f"push to {short_id(nxt['peer_id'])} failed: {e}".splitlines()[0])
-            await self._send_client(wire.error_frame(failed, step_id=step.step_id, peer_id=nxt["peer_id"]))
+            await self._send_client(wire.error_frame(failed, step_id=step.step_id, peer_id=nxt.peer_id))
 
-    async def _open_push(self, nxt: dict) -> None:
-        self.node.remember(nxt["peer_id"], list(nxt.get("addrs") or []))
+    async def _open_push(self, nxt: NextHop) -> None:
+        self.node.remember(nxt.peer_id, list(nxt.addrs))
         stack = AsyncExitStack()
-        self._push_stream = await stack.enter_async_context(self.node.stream(nxt["peer_id"], "push", timeout=10))
+        self._push_stream = await stack.enter_async_context(self.node.stream(nxt.peer_id, "push", timeout=10))
         self._push_stack = stack
         self._push_relayed = is_relayed(self._push_stream.muxed_conn)
         # The next server answers on the push stream only when it cannot take a step (e.g. unknown session).
-        self.node.nursery.start_soon(self._read_push_errors, self._push_stream, nxt["peer_id"])
+        self.node.nursery.start_soon(self._read_push_errors, self._push_stream, nxt.peer_id)
 
     async def _read_push_errors(self, stream, peer_id: str) -> None:
         while True:

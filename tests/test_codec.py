@@ -7,7 +7,7 @@ import torch
 
 from mesh.model.errors import BadRequest
 from mesh.net.codec import COMPRESSIONS, decode_tensor, encode_tensor, wire_size
-from mesh.net.messages import Message, OpenSession, Step
+from mesh.net.messages import Message, NextHop, OpenSession, Relink, Step
 
 from conftest import assert_greedy_equal_but_near_ties
 
@@ -95,6 +95,21 @@ def test_messages_round_trip_and_validate():
         Step.from_wire(OpenSession("s", 0, 1, 8).to_wire())
     with pytest.raises(BadRequest):
         Message.from_wire(dict(OpenSession("s", 0, 1, 8).to_wire(), max_length="many"))
+
+
+def test_the_next_hop_a_peer_names_is_typed_and_checked():
+    hop = NextHop("12D3KooWpeer", ("/ip4/10.0.0.1/tcp/1",), "abcd")
+    back = Message.from_wire(OpenSession("s", 0, 1, 8, next=hop).to_wire())
+    assert back.next == hop and Message.from_wire(Relink(hop).to_wire()).next == hop
+    assert Message.from_wire(Relink(None).to_wire()).next is None
+    good = hop.to_wire()
+    for bad in (5, "peer", {"addrs": []}, dict(good, peer_id=3), dict(good, session_id=""),
+                dict(good, addrs="x"), dict(good, addrs=["a"] * 17), dict(good, addrs=[1]),
+                dict(good, peer_id="p" * 129)):
+        with pytest.raises(BadRequest):
+            Message.from_wire(dict(Relink(None).to_wire(), next=bad))
+        with pytest.raises(BadRequest):
+            Message.from_wire(dict(OpenSession("s", 0, 1, 8).to_wire(), next=bad))
 
 
 @pytest.mark.slow
