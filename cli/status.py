@@ -89,7 +89,7 @@ async def _collect(swarm, model_id: str | None, timeout: float) -> None:
     announcement periods after it was heard, and an import that blocks the event loop for seconds (torch,
     transformers on a loaded machine) once left the table to expire before it was printed.
     """
-    from mesh.net.node import short_id
+    from mesh.net.wire import short_id
 
     if model_id is not None:
         await swarm.discover(model_id, timeout=timeout)
@@ -138,6 +138,7 @@ def _render(report: dict):
     from rich.text import Text
 
     from mesh.net.swarm import coverage_summary
+    from mesh.net.wire import short_id
 
     parts = []
     if not report.get("models"):
@@ -149,7 +150,7 @@ def _render(report: dict):
             table.add_column(col)
         for s in m["servers"]:
             rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
-            table.add_row(s["public_name"] or "-", s["peer_id"][-8:], f"{s['start']}:{s['end']}", s["state"],
+            table.add_row(s["public_name"] or "-", short_id(s["peer_id"]), f"{s['start']}:{s['end']}", s["state"],
                           f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt,
                           s["dtype"] + (f"/{s['quant']}" if s.get("quant", "none") != "none" else ""), s["version"],
                           "yes" if s["relayed"] else "no", ", ".join(s.get("adapters") or []) or "-")

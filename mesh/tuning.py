@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mesh.model.errors import BadRequest
-from mesh.model.head import ClientHead
+from mesh.model.head import ClientHead, prepend_prefix, token_positions
 from mesh.model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
 from mesh.model.span import Span
 
@@ -130,11 +130,9 @@ def adapted_logits(head: ClientHead, run: BlockRunner, adapter: Adapter, input_i
     hidden = head.embed(input_ids).to(torch.float32)
     mask = attention_mask.to(torch.long)
     p = adapter.num_prompts
+    position_ids = token_positions(mask, p)
     if p:
-        batch = input_ids.shape[0]
-        hidden = torch.cat([adapter.prompt[None].expand(batch, -1, -1), hidden], dim=1)
-        mask = torch.cat([torch.ones(batch, p, dtype=torch.long), mask], dim=1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden, mask, position_ids = prepend_prefix(hidden, mask, position_ids, adapter.prompt)
     out = run(hidden, position_ids, mask, adapter)
     return head.logits(out[:, p:])
 

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mesh.model.head import ClientHead
+from mesh.model.head import ClientHead, prepend_prefix, token_positions
 from mesh.model.span import Span
 from mesh.model.speculative import Speculator, accept_draft
 
@@ -184,17 +184,12 @@ class Generator:
         if drafts:
             extra = torch.tensor([list(drafts)] * ids.shape[0], dtype=torch.long)
             ids, mask = torch.cat([ids, extra], dim=1), torch.cat([mask, torch.ones_like(extra)], dim=1)
-        new_ids = ids[:, self.fed:]
         p = 0 if self.prefix is None else self.prefix.shape[0]
-        positions = mask.cumsum(-1) - 1 + p
-        positions = positions.masked_fill(mask == 0, 1)[:, self.fed:]
+        positions = token_positions(mask, p)[:, self.fed:]
         new_mask = mask[:, self.fed:]
-        hidden = self.head.embed(new_ids)
-        if p and self.fed == 0:  # the virtual tokens go first, at positions 0..P-1, always attended
-            batch = hidden.shape[0]
-            hidden = torch.cat([self.prefix.to(hidden.dtype)[None].expand(batch, -1, -1), hidden], dim=1)
-            positions = torch.cat([torch.arange(p)[None].expand(batch, -1), positions], dim=1)
-            new_mask = torch.cat([torch.ones(batch, p, dtype=new_mask.dtype), new_mask], dim=1)
+        hidden = self.head.embed(ids[:, self.fed:])
+        if p and self.fed == 0:  # the virtual tokens go first
+            hidden, new_mask, positions = prepend_prefix(hidden, new_mask, positions, self.prefix)
         hidden = self.run_blocks(hidden, positions, new_mask, self.fed + (p if self.fed else 0))
         self.fed = self.length
         return self.head.logits(hidden[:, -(1 + len(drafts)):, :])

@@ -49,6 +49,22 @@ class ClientHead(nn.Module):
         return self.model.lm_head(norm(hidden.to(self.dtype)))
 
 
+def token_positions(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Each token's position: `offset` + its index among the attended tokens of its row (left or right
+    padding alike); padding gets 1, which the mask hides anyway."""
+    return (mask.cumsum(-1) - 1 + offset).masked_fill(mask == 0, 1)
+
+
+def prepend_prefix(hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                   prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trained virtual tokens [P, H] before every row of `hidden` [B, T, H]: at positions 0..P-1, always
+    attended (the tokens' own positions start at P, see `token_positions(mask, P)`)."""
+    batch, p = hidden.shape[0], prefix.shape[0]
+    return (torch.cat([prefix.to(hidden.dtype)[None].expand(batch, -1, -1), hidden], dim=1),
+            torch.cat([torch.ones(batch, p, dtype=mask.dtype), mask], dim=1),
+            torch.cat([torch.arange(p)[None].expand(batch, -1), positions], dim=1))
+
+
 def head_from_model(model: nn.Module) -> ClientHead:
     """A head sharing the weights of an already loaded full model (tests, local runs)."""
     return ClientHead(model)

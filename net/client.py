@@ -18,6 +18,7 @@ import trio
 
 from mesh.model.span import SpanGrads
 from mesh.net import wire
+from mesh.net.wire import short_id
 from mesh.net.adapters import ClientLora
 from mesh.net.codec import decode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
@@ -64,7 +65,7 @@ class RemoteSession:
             await wire.write_frame(self.stream, msg.to_wire(self.opened.compression), timeout=timeout)
             frame = await wire.read_frame(self.stream, timeout=timeout)
         except wire.StreamClosed as e:
-            raise PeerUnavailable(f"server {self.peer_id[-8:]} dropped the session", hint="reroute") from e
+            raise PeerUnavailable(f"server {short_id(self.peer_id)} dropped the session", hint="reroute") from e
         result = StepResult.from_wire(wire.raise_if_error(frame))
         self.position = position + hidden.shape[1]
         return result.hidden
@@ -92,7 +93,7 @@ async def open_session(node: Node, server: ServerInfo, start: int, end: int, max
         try:
             SessionOpened.from_wire(wire.raise_if_error(await wire.read_frame(stream, timeout=timeout)))
         except wire.StreamClosed as e:
-            raise PeerUnavailable(f"server {server.peer_id[-8:]} closed the session at open") from e
+            raise PeerUnavailable(f"server {short_id(server.peer_id)} closed the session at open") from e
         session = RemoteSession(node, server, stream, opened)
         try:
             yield session
@@ -192,6 +193,6 @@ async def _call(node: Node, peer_id: str, name: str, req, compression: str, time
     try:
         return await node.request(peer_id, name, req, timeout=timeout, compression=compression, reply=reply_type)
     except wire.StreamClosed as e:
-        raise PeerUnavailable(f"{peer_id[-8:]} closed the {name} stream", hint="reroute") from e
+        raise PeerUnavailable(f"{short_id(peer_id)} closed the {name} stream", hint="reroute") from e
     except trio.TooSlowError as e:
-        raise wire.FrameTimeout(f"{name} on {peer_id[-8:]} took longer than {timeout:.0f} s") from e
+        raise wire.FrameTimeout(f"{name} on {short_id(peer_id)} took longer than {timeout:.0f} s") from e

@@ -30,7 +30,8 @@ from mesh.net.adapters import ClientLora
 from mesh.net.client import RemoteSession, open_session
 from mesh.net.latency import RttTracker
 from mesh.net.messages import History, HistoryRequest, NextHop, Step, StepResult
-from mesh.net.node import Node, short_id
+from mesh.net.node import Node
+from mesh.net.wire import short_id
 from mesh.net.steplog import concat_steps, trim_steps
 from mesh.net.swarm import ServerInfo, ServerState, SwarmTable, block_ranges
 

@@ -7,7 +7,8 @@ import logging
 import trio
 
 from mesh.net.client import ping
-from mesh.net.node import Node, short_id
+from mesh.net.node import Node
+from mesh.net.wire import short_id
 
 log = logging.getLogger("mesh.latency")
 

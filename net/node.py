@@ -45,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.model.errors import MeshError
 from mesh.net import relay, wire
+from mesh.net.wire import short_id
 from mesh.net.identity import Identity, open_identity
 from mesh.net.messages import Message
 from mesh.net.ports import claim_ports, port_lock
@@ -156,7 +157,7 @@ class Node:
         proto = TProtocol(wire.protocol_id(name))
 
         async def guarded(stream) -> None:
-            peer = _short(stream.muxed_conn.peer_id.to_base58())
+            peer = short_id(stream.muxed_conn.peer_id.to_base58())
             try:
                 await handler(stream)
             except wire.StreamClosed:
@@ -184,12 +185,12 @@ class Node:
                 else:
                     await self.host.connect(info)
         except trio.TooSlowError as e:
-            raise PeerUnavailable(f"no connection to {_short(info.peer_id.to_base58())} within "
+            raise PeerUnavailable(f"no connection to {short_id(info.peer_id.to_base58())} within "
                                   f"{timeout or self.config.connect_timeout:.0f} s") from e
         except MeshError:
             raise
         except Exception as e:
-            raise PeerUnavailable(f"cannot reach {_short(info.peer_id.to_base58())}: {_one_line(e)}") from e
+            raise PeerUnavailable(f"cannot reach {short_id(info.peer_id.to_base58())}: {_one_line(e)}") from e
         return info.peer_id.to_base58()
 
     def remember(self, peer_id: str, addrs: list[str]) -> None:
@@ -220,7 +221,7 @@ class Node:
             with trio.fail_after(timeout):
                 await slots.acquire()
         except trio.TooSlowError as e:
-            raise PeerUnavailable(f"too many open streams to {_short(peer_id)}") from e
+            raise PeerUnavailable(f"too many open streams to {short_id(peer_id)}") from e
         try:
             try:
                 with trio.fail_after(timeout):
@@ -228,15 +229,15 @@ class Node:
                     stream = await self.host.new_stream(ID.from_base58(peer_id),
                                                         [TProtocol(wire.protocol_id(name, version))])
             except trio.TooSlowError as e:
-                raise PeerUnavailable(f"{_short(peer_id)} did not open a {name} stream within {timeout:.0f} s") from e
+                raise PeerUnavailable(f"{short_id(peer_id)} did not open a {name} stream within {timeout:.0f} s") from e
             except MeshError:
                 raise
             except Exception as e:
                 text = _one_line(e)
                 if _protocol_refused(e):
-                    raise wire.UnknownVersion(f"{_short(peer_id)} does not speak {wire.protocol_id(name, version)}",
+                    raise wire.UnknownVersion(f"{short_id(peer_id)} does not speak {wire.protocol_id(name, version)}",
                                               hint="the peer runs an incompatible mesh version") from e
-                raise PeerUnavailable(f"cannot open a {name} stream to {_short(peer_id)}: {text}") from e
+                raise PeerUnavailable(f"cannot open a {name} stream to {short_id(peer_id)}: {text}") from e
             ok = False
             try:
                 yield stream
@@ -258,11 +259,11 @@ class Node:
             for addr in self._circuits.get(peer_id, []):
                 try:
                     await relay.dial_circuit(self.host, addr)
-                    log.debug("connected to %s through %s", _short(peer_id), addr.split(relay.CIRCUIT)[0])
+                    log.debug("connected to %s through %s", short_id(peer_id), addr.split(relay.CIRCUIT)[0])
                     return
                 except Exception as e:
                     errors.append(_one_line(e))
-            raise PeerUnavailable(f"cannot reach {_short(peer_id)} through its relays: {'; '.join(errors)}")
+            raise PeerUnavailable(f"cannot reach {short_id(peer_id)} through its relays: {'; '.join(errors)}")
 
     async def request(self, peer_id: str, name: str, message: Message, *, timeout: float = 30.0,
                       compression: str = "none", reply: type[Message] = Message) -> Message:
@@ -330,7 +331,7 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
                     await pubsub.wait_until_ready()
                 node = Node(host, pubsub, gossip, dht, config, nursery)
                 relay.serve_dialback(node)
-                log.info("node %s listening on %s", _short(node.peer_id), ", ".join(node.addrs))
+                log.info("node %s listening on %s", short_id(node.peer_id), ", ".join(node.addrs))
                 if identity.path is not None and config.identity_path is not None \
                         and identity.path != Path(config.identity_path).expanduser():
                     log.warning("%s is in use by another mesh process here; running as %s instead",
@@ -378,7 +379,7 @@ async def _join(node: Node, peers: list[str]) -> None:
             try:
                 await node.dht.add_peer(ID.from_base58(peer))
             except Exception as e:  # the DHT is a supplement; a peer without it is still usable
-                log.debug("dht add_peer %s: %s", _short(peer), _one_line(e))
+                log.debug("dht add_peer %s: %s", short_id(peer), _one_line(e))
     log.info("joined the swarm through %d of %d initial peers", len(reached), len(peers))
 
 
@@ -389,14 +390,6 @@ def _protocol_refused(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _short(peer_id: str) -> str:
-    return peer_id[-8:]
-
-
-def short_id(peer_id: str) -> str:
-    return _short(peer_id)
 
 
 def _one_line(e: BaseException) -> str:

@@ -38,6 +38,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from mesh.net import wire
+from mesh.net.wire import short_id
 from mesh.net.messages import Message
 
 log = logging.getLogger("mesh.relay")
@@ -99,7 +100,7 @@ async def _hop(host, relay_id: ID, msg: HopMessage):
     if status != StatusCode.OK:
         await wire.reset_quietly(stream)
         name = StatusCode(status).name if status in StatusCode._value2member_map_ else str(status)
-        raise RelayRefused(f"relay {str(relay_id)[-8:]} answered {name}")
+        raise RelayRefused(f"relay {short_id(str(relay_id))} answered {name}")
     return stream, reply
 
 
@@ -178,7 +179,7 @@ async def check_dialable(node: RelayHost, peers: list[str]) -> tuple[bool | None
             reply = await node.request(peer, "dialback", DialBack(ports), timeout=DIALBACK_TIMEOUT + 5,
                                        reply=DialBackReply)
         except Exception as e:
-            log.debug("dial-back through %s: %s", peer[-8:], e)
+            log.debug("dial-back through %s: %s", short_id(peer), e)
             return
         answers.append([a for a in reply.dialable if isinstance(a, str)])
 
@@ -249,7 +250,7 @@ class RelaySlot:
             self._missed = 0
         except Exception as e:
             self._missed += 1
-            log.info("relay %s did not answer a ping (%d/%d): %s", self.state.relay_id[-8:], self._missed,
+            log.info("relay %s did not answer a ping (%d/%d): %s", short_id(self.state.relay_id), self._missed,
                      MISSED_PINGS, e)
             if self._missed >= MISSED_PINGS:
                 self._missed, self._lost = 0, True
@@ -274,14 +275,14 @@ class RelaySlot:
                         await self.node.connect(PeerInfo(ID.from_base58(peer), direct))
                     expire = await reserve(self.node.host, ID.from_base58(peer))
             except Exception as e:
-                log.info("no slot on relay %s: %s", peer[-8:], str(e).splitlines()[0] if str(e) else type(e).__name__)
+                log.info("no slot on relay %s: %s", short_id(peer), str(e).splitlines()[0] if str(e) else type(e).__name__)
                 self._banned[peer] = now + 30
                 continue
             mine = circuit_addrs([a for a in addrs if not is_circuit(a)], peer, self.node.peer_id)
             self.state = RelayState(peer, mine, expire)
             self._lost = False
             self.node.relay_addrs = mine
-            log.info("reachable through relay %s (slot until %s)", peer[-8:], time.strftime("%H:%M:%S", time.localtime(expire)))
+            log.info("reachable through relay %s (slot until %s)", short_id(peer), time.strftime("%H:%M:%S", time.localtime(expire)))
             return True
         return False
 
@@ -295,7 +296,7 @@ class RelaySlot:
                 await self._ping_relay()
             if not self._alive():
                 if self.state.relay_id:
-                    log.warning("relay %s is gone: looking for another", self.state.relay_id[-8:])
+                    log.warning("relay %s is gone: looking for another", short_id(self.state.relay_id))
                     self._banned[self.state.relay_id] = time.monotonic() + 60
                     self.state = RelayState()
                     self.node.relay_addrs = []

@@ -34,7 +34,8 @@ from mesh.net.adapters import AdapterCache
 from mesh.net.codec import check_compression, encode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                                InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
-from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr, short_id
+from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr
+from mesh.net.wire import short_id
 from mesh.net.relay import PING_TIMEOUT, establish_reachability, is_circuit
 from mesh.net.latency import RttTracker
 from mesh.net.lane import ComputeLane

@@ -31,7 +31,8 @@ from mesh.net.codec import check_compression
 from mesh.net.lane import ComputeLane
 from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Relink,
                                SessionOpened, Step, StepResult)
-from mesh.net.node import Node, PeerUnavailable, short_id
+from mesh.net.node import Node, PeerUnavailable
+from mesh.net.wire import short_id
 from mesh.net.relay import is_relayed
 from mesh.net.steplog import concat_steps, trim_steps
 

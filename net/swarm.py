@@ -28,7 +28,8 @@ from libp2p.peer.id import ID
 
 from mesh.net import wire
 from mesh.net.messages import Snapshot, SnapshotRequest
-from mesh.net.node import Node, short_id
+from mesh.net.node import Node
+from mesh.net.wire import short_id
 
 log = logging.getLogger("mesh.swarm")
 

@@ -29,7 +29,8 @@ from mesh.net.adapters import ClientLora
 from mesh.net.client import remote_backward, remote_forward
 from mesh.net.inference import BanList, RouteUnavailable, candidates
 from mesh.net.latency import RttTracker
-from mesh.net.node import Node, PeerUnavailable, short_id
+from mesh.net.node import Node, PeerUnavailable
+from mesh.net.wire import short_id
 from mesh.net.swarm import SwarmTable
 
 log = logging.getLogger("mesh.training")

@@ -206,3 +206,8 @@ async def reset_quietly(stream) -> None:
         await stream.reset()
     except Exception:
         pass
+
+
+def short_id(peer_id: str) -> str:
+    """How logs and error messages name a peer: the last 8 characters of its id."""
+    return str(peer_id)[-8:]
