@@ -78,7 +78,7 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> Client
         config.layer_types = []
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    ckpt = Checkpoint.open(source.path)
+    ckpt = Checkpoint.open(source.path, source.fetch)
     block_prefixes = tuple(t.split("{i}")[0] for t in family.layer_prefixes)
     wanted = [n for n in ckpt.files if not any(n.startswith(p) for p in block_prefixes)]
     tensors = ckpt.read(wanted, dtype)

@@ -8,12 +8,14 @@ machine fails within seconds with advice instead of hanging.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 import threading
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,12 @@ class ModelSource:
     @property
     def num_blocks(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    @property
+    def fetch(self) -> Callable[[list[str]], None] | None:
+        """For a hub model, what downloads weight files on first use (resolving fetched only its config
+        and tokenizer); None for local folders, which hold every file already."""
+        return functools.partial(_fetch_hub_files, self.repo) if self.repo is not None else None
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -208,10 +216,13 @@ def _fetch_hub_meta(repo: str) -> Path:
     )
 
 
-def fetch_hub_weights(source: ModelSource, tensor_files: list[str]) -> None:
-    """Download only the weight shards a span needs (hub sources; a no-op for local folders)."""
-    if source.repo is None:
-        return
+def _fetch_hub_files(repo: str, files: list[str]) -> None:
+    """Download these files of a hub repository into its cached snapshot (the folder of its config)."""
     from huggingface_hub import snapshot_download
 
-    snapshot_download(source.repo, allow_patterns=sorted(set(tensor_files)))
+    try:
+        snapshot_download(repo, allow_patterns=sorted(set(files)))
+    except Exception as e:
+        raise ModelNotFound(f"cannot fetch {', '.join(files[:3])} of {repo} from the Hugging Face hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300],
+                            hint="this needs network access (and a token for gated models)") from None

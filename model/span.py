@@ -18,7 +18,7 @@ from mesh.model import compat
 from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
 from mesh.model.lora import LoraWeights
 from mesh.model.lora import applied as lora_applied
-from mesh.model.weights import Checkpoint, read_block
+from mesh.model.weights import Checkpoint, Fetch, read_block
 
 # Called on each freshly loaded layer (e.g. to quantize its linear layers); returns the layer to use.
 LayerHook = Callable[[nn.Module, int], nn.Module]
@@ -200,11 +200,12 @@ def check_range(config: PretrainedConfig, start: int, end: int) -> None:
 
 
 def load_span(folder, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
-              hook: LayerHook | None = None) -> Span:
-    """Build blocks [start, end) reading only their tensors from the checkpoint in `folder`."""
+              hook: LayerHook | None = None, fetch: Fetch | None = None) -> Span:
+    """Build blocks [start, end) reading only their tensors from the checkpoint in `folder` (with `fetch`,
+    downloading only the files that hold them)."""
     check_range(config, start, end)
     family = compat.family_of(config)
-    ckpt = Checkpoint.open(folder)
+    ckpt = Checkpoint.open(folder, fetch)
     layers = []
     for i in range(start, end):
         with torch.device("meta"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -17,6 +18,7 @@ from mesh.model.errors import ModelLoadError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+Fetch = Callable[[list[str]], None]  # makes the named files of a checkpoint's folder present
 
 
 @dataclass
@@ -26,20 +28,25 @@ class Checkpoint:
     folder: Path
     files: dict[str, str] = field(default_factory=dict)  # tensor name -> file name
     bytes_read: int = 0  # what this object materialised so far (memory accounting, tests)
+    fetch: Fetch | None = None  # brings missing files into `folder` (a hub model's shards, on first use)
 
     @classmethod
-    def open(cls, folder: Path) -> "Checkpoint":
+    def open(cls, folder: Path, fetch: Fetch | None = None) -> "Checkpoint":
+        """A checkpoint in `folder`. With `fetch`, weight files may be absent: only those holding the
+        tensors read are fetched, so a server of 10 blocks of a 70B model downloads ~1/8 of it."""
         folder = Path(folder)
         index = folder / INDEX
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-            return cls(folder, dict(weight_map))
+            return cls(folder, dict(weight_map), fetch=fetch)
         single = folder / SINGLE
+        if not single.exists() and fetch is not None:
+            fetch([SINGLE])
         if not single.exists():
             raise ModelLoadError(f"no safetensors weights in {folder}",
                                  hint=f"expected {SINGLE} or {INDEX}")
         with safe_open(str(single), framework="pt") as f:
-            return cls(folder, {name: SINGLE for name in f.keys()})
+            return cls(folder, {name: SINGLE for name in f.keys()}, fetch=fetch)
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self.files if n.startswith(prefix)]
@@ -49,6 +56,9 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
+        missing = sorted(f for f in by_file if not (self.folder / f).exists())
+        if missing and self.fetch is not None:
+            self.fetch(missing)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             with safe_open(str(self.folder / file), framework="pt") as f:

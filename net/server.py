@@ -249,7 +249,8 @@ class Server:
                     layers += list(old.layers[b - old.start:stop - old.start])
                 else:
                     stop = min(end, old.start) if old is not None and old.start > b else end
-                    layers += list(load_span(src.path, src.config, b, stop, self.config.dtype, hook).layers)
+                    layers += list(load_span(src.path, src.config, b, stop, self.config.dtype, hook,
+                                             src.fetch).layers)
                 b = stop
             span = Span(src.config, start, end, layers, self.config.dtype)
             with torch.no_grad():

@@ -185,8 +185,8 @@ def test_span_loads_only_its_blocks(smollm2):
     seen = []
     original = span_module.Checkpoint.open
 
-    def counting_open(folder):
-        c = original(folder)
+    def counting_open(folder, fetch=None):
+        c = original(folder, fetch)
         seen.append(c)
         return c
 
@@ -200,6 +200,38 @@ def test_span_loads_only_its_blocks(smollm2):
     assert read <= 0.40 * block_bytes, (read, block_bytes)
     assert params <= 0.40 * block_bytes
     assert ckpt.bytes_read == 0
+
+
+def test_a_hub_span_fetches_only_the_shards_it_reads(tmp_path):
+    """A hub model resolves to its config and shard index only; a span then fetches the weight files
+    that hold its blocks, and nothing else. Here the 'hub' is a local folder the fetch copies from."""
+    import shutil
+
+    from conftest import make_tiny
+
+    model = make_tiny("llama", layers=6)
+    full = tmp_path / "full"
+    model.save_pretrained(full, max_shard_size="60KB")
+    shards = sorted(p.name for p in full.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name in ("config.json", "model.safetensors.index.json"):
+        shutil.copy(full / name, hub / name)
+    fetched: list[str] = []
+
+    def fetch(files: list[str]) -> None:
+        fetched.extend(files)
+        for f in files:
+            shutil.copy(full / f, hub / f)
+
+    span = load_span(hub, model.config, 2, 4, fetch=fetch)
+    index = Checkpoint.open(full).files
+    needed = {index[n] for n in index if n.startswith(("model.layers.2.", "model.layers.3."))}
+    assert set(fetched) == needed and len(fetched) == len(set(fetched)) and set(fetched) < set(shards)
+    x = torch.randn(1, 5, model.config.hidden_size)
+    pos = torch.arange(5)[None]
+    assert torch.equal(span(x, pos), load_span(full, model.config, 2, 4)(x, pos))
 
 
 def test_span_errors(tiny_dirs):
