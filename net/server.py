@@ -137,6 +137,27 @@ async def measure_throughput(config: "ServerConfig", source: ModelSource, node: 
     return m
 
 
+def assemble_span(old: Span | None, src: ModelSource, start: int, end: int, config: ServerConfig) -> Span:
+    """Blocks [start, end): layers `old` holds are reused, the rest read from the checkpoint; then one
+    warm-up pass at a replay chunk's size, since a first large pass pays allocator and page-fault costs
+    that would otherwise land on the first client that fails over to us."""
+    hook = quantizer(config.quant, config.dtype)
+    layers: list = []
+    b = start
+    while b < end:
+        if old is not None and old.start <= b < old.end:
+            stop = min(end, old.end)
+            layers += list(old.layers[b - old.start:stop - old.start])
+        else:
+            stop = min(end, old.start) if old is not None and old.start > b else end
+            layers += list(load_span(src.path, src.config, b, stop, config.dtype, hook, src.fetch).layers)
+        b = stop
+    span = Span(src.config, start, end, layers, config.dtype)
+    with torch.no_grad():
+        span(torch.randn(1, WARMUP_TOKENS, span.hidden_size, dtype=span.dtype), torch.arange(WARMUP_TOKENS)[None])
+    return span
+
+
 def placed(infos: list[ServerInfo]) -> list[Placed]:
     return [Placed(i.peer_id, i.start, i.end, i.throughput) for i in infos]
 
@@ -236,34 +257,10 @@ class Server:
 
     async def load(self, start: int, end: int) -> None:
         """Load blocks [start, end) (reusing layers the current span already holds) and warm them up."""
-        old = self.span
-        hook = quantizer(self.config.quant, self.config.dtype)
-        src = self.source
-
-        def run() -> Span:
-            layers: list = []
-            b = start
-            while b < end:
-                if old is not None and old.start <= b < old.end:
-                    stop = min(end, old.end)
-                    layers += list(old.layers[b - old.start:stop - old.start])
-                else:
-                    stop = min(end, old.start) if old is not None and old.start > b else end
-                    layers += list(load_span(src.path, src.config, b, stop, self.config.dtype, hook,
-                                             src.fetch).layers)
-                b = stop
-            span = Span(src.config, start, end, layers, self.config.dtype)
-            with torch.no_grad():
-                # Warm up at the size of a replay chunk: a first large pass pays allocator and page-fault
-                # costs, which would otherwise land on the first client that fails over to us.
-                n = WARMUP_TOKENS
-                span(torch.randn(1, n, span.hidden_size, dtype=span.dtype), torch.arange(n)[None])
-            return span
-
         t0 = time.perf_counter()
-        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, src.name, self.config.dtype,
+        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, self.source.name, self.config.dtype,
                  self.config.quant)
-        self.span = await trio.to_thread.run_sync(run)
+        self.span = await trio.to_thread.run_sync(assemble_span, self.span, self.source, start, end, self.config)
         log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - t0)
 
     # ----- rebalancing ---------------------------------------------------------------------------
