@@ -26,7 +26,8 @@ from mesh.model.head import ClientHead, load_head, load_tokenizer
 from mesh.model.sources import ModelSource, resolve_model
 from mesh.model.speculative import load_draft, new_speculator, parse_speculate
 from mesh.net.adapters import ClientLora
-from mesh.net.inference import BanList, InferenceSession, is_exact, open_inference_session
+from mesh.net.chain import BanList, ChainConfig
+from mesh.net.inference import InferenceSession, is_exact, open_inference_session
 from mesh.net.node import NodeConfig, env_initial_peers
 from mesh.net.portal import SwarmClient, unwrap
 from mesh.net.swarm import block_ranges
@@ -51,11 +52,11 @@ class SwarmSession:
         client, model = self.model.client, self.model
         started = False
         try:
-            async with open_inference_session(client.node, client.swarm.table, client.rtt, model.source.model_id,
-                                              model.num_blocks, max_length, batch_size,
-                                              compression=model.compression, bans=model.bans,
-                                              route_wait=model.route_wait, accept=model.accept,
-                                              lora=model.lora) as session:
+            cfg = ChainConfig(client.node, client.swarm.table, client.rtt, model.source.model_id, model.num_blocks,
+                              max_length, batch_size, compression=model.compression, bans=model.bans,
+                              route_wait=model.route_wait, accept=model.accept or (lambda info: True),
+                              lora=model.lora)
+            async with open_inference_session(cfg) as session:
                 done = trio.Event()
                 task_status.started((session, done))
                 started = True

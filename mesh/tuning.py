@@ -162,14 +162,15 @@ class SwarmRunner:
 
     def __init__(self, model, micro_batch: int = 4, spread: bool = True) -> None:
         from mesh.net.latency import RttTracker
+        from mesh.net.chain import ChainConfig
         from mesh.net.training import SwarmBlocks
 
         self.model = model
         self.micro_batch = micro_batch
         client = model.client
-        self.blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), model.bans,
-                                  model.source.model_id, model.num_blocks, compression="none", spread=spread,
-                                  keep_graphs=True)
+        cfg = ChainConfig(client.node, client.swarm.table, RttTracker(client.node), model.source.model_id,
+                          model.num_blocks, bans=model.bans)
+        self.blocks = SwarmBlocks(cfg, spread=spread, keep_graphs=True)
         self.run_id = secrets.token_hex(6)
         self._lora = None
 

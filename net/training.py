@@ -27,11 +27,9 @@ from mesh.balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
 from mesh.net import wire
 from mesh.net.adapters import ClientLora
 from mesh.net.client import remote_backward, remote_forward
-from mesh.net.inference import BanList, RouteUnavailable, candidates
-from mesh.net.latency import RttTracker
-from mesh.net.node import Node, PeerUnavailable
+from mesh.net.chain import ChainConfig, RouteUnavailable, candidates
+from mesh.net.node import PeerUnavailable
 from mesh.net.wire import short_id
-from mesh.net.swarm import SwarmTable
 
 log = logging.getLogger("mesh.training")
 
@@ -83,12 +81,14 @@ class Grads:
 
 
 class SwarmBlocks:
-    def __init__(self, node: Node, table: SwarmTable, rtt: RttTracker, bans: BanList, model_id: str,
-                 num_blocks: int, compression: str = "none", timeout: float = 120.0, spread: bool = False,
+    """Blocks through the swarm for training: `forward` and `backward` over a chain, rerouting failures."""
+
+    def __init__(self, cfg: ChainConfig, *, timeout: float = 120.0, spread: bool = False,
                  rng: random.Random | None = None, keep_graphs: bool = False) -> None:
-        self.node, self.table, self.rtt, self.bans = node, table, rtt, bans
-        self.model_id, self.num_blocks = model_id, num_blocks
-        self.compression, self.timeout = compression, timeout
+        self.cfg = cfg
+        self.node, self.table, self.rtt, self.bans = cfg.node, cfg.table, cfg.rtt, cfg.bans
+        self.model_id, self.num_blocks, self.compression = cfg.model_id, cfg.num_blocks, cfg.compression
+        self.timeout = timeout
         self.spread = spread
         self.rng = rng or random.Random()
         self.keep_graphs = keep_graphs  # servers keep each forward's graph for its backward (no recompute)

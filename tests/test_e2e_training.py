@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mesh.net.inference import BanList
+from mesh.net.chain import ChainConfig
 from mesh.net.latency import RttTracker
 from mesh.net.training import SwarmBlocks
 
@@ -37,8 +37,8 @@ def test_forward_backward_equal_autograd_with_failures(pool, tiny30, kill, monke
     with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot]) as model:
         client = model.client
         client.call(lambda: wait_for_servers(model, 6))
-        blocks = SwarmBlocks(client.node, client.swarm.table, RttTracker(client.node), BanList(),
-                             model.source.model_id, 30)
+        blocks = SwarmBlocks(ChainConfig(client.node, client.swarm.table, RttTracker(client.node),
+                                         model.source.model_id, 30))
         g = torch.Generator().manual_seed(0)
         x, grad_out = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
         pos = torch.arange(7).expand(2, 7)
