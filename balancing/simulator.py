@@ -152,80 +152,100 @@ def simulate(cfg: SimConfig, strategy: str, reference: bool = True) -> SimResult
     """Run one strategy; `reference=False` skips the re-placement and bound (they do not depend on it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
-    rng = random.Random(cfg.seed + 1)
-    horizon = cfg.hours * 3600
-    result = SimResult(strategy)
-    present: dict[str, Placed] = {}  # where each server is (or is loading)
-    ready: dict[str, float] = {}  # when its current span starts counting
-    measure: dict[str, Measurement] = {}
-    events: list[tuple[float, int, str, str]] = []
-    tie = itertools.count()
-    arrivals = {a.peer_id: a for a in draw_arrivals(cfg)}
-    for a in arrivals.values():
-        heapq.heappush(events, (a.time, next(tie), "arrive", a.peer_id))
-        heapq.heappush(events, (a.leaves, next(tie), "leave", a.peer_id))
-    sample = cfg.warmup
-    next_route = cfg.route_every if cfg.route_every > 0 else math.inf
+    return _Run(cfg, strategy, reference).run()
 
-    def take_sample(now: float) -> None:
-        nonlocal next_route
-        loaded = [s for p, s in present.items() if ready[p] <= now]
+
+class _Run:
+    """One simulated run: the event queue, where each server is, and the samples taken."""
+
+    def __init__(self, cfg: SimConfig, strategy: str, reference: bool) -> None:
+        self.cfg, self.strategy, self.reference = cfg, strategy, reference
+        self.rng = random.Random(cfg.seed + 1)
+        self.result = SimResult(strategy)
+        self.present: dict[str, Placed] = {}  # where each server is (or is loading)
+        self.ready: dict[str, float] = {}  # when its current span starts counting
+        self.events: list[tuple[float, int, str, str]] = []
+        self.tie = itertools.count()
+        self.arrivals = {a.peer_id: a for a in draw_arrivals(cfg)}
+        for a in self.arrivals.values():
+            self.push(a.time, "arrive", a.peer_id)
+            self.push(a.leaves, "leave", a.peer_id)
+        self.next_route = cfg.route_every if cfg.route_every > 0 else math.inf
+
+    def push(self, at: float, kind: str, peer: str) -> None:
+        heapq.heappush(self.events, (at, next(self.tie), kind, peer))
+
+    def run(self) -> SimResult:
+        cfg, horizon = self.cfg, self.cfg.hours * 3600
+        sample = cfg.warmup
+        while self.events:
+            now, _, kind, peer = heapq.heappop(self.events)
+            if now > horizon:
+                break
+            while sample <= now:
+                self.take_sample(sample)
+                sample += cfg.sample_every
+            if kind == "arrive":
+                self.arrive(peer, now)
+            elif kind == "leave":
+                self.leave(peer, now)
+            elif peer in self.present:
+                self.check(peer, now, again=kind == "check")
+        while sample <= horizon:
+            self.take_sample(sample)
+            sample += cfg.sample_every
+        self.result.server_hours += sum((horizon - self.arrivals[p].time) / 3600 for p in self.present)
+        return self.result
+
+    def take_sample(self, now: float) -> None:
+        cfg, result = self.cfg, self.result
+        loaded = [s for p, s in self.present.items() if self.ready[p] <= now]
         result.times.append(now)
         result.throughput.append(float(block_throughputs(loaded, cfg.num_blocks).min()))
         if (len(result.throughput) - 1) % cfg.reference_stride == 0:
             result.reference_index.append(len(result.throughput) - 1)
-            if reference:
-                everyone = list(present.values())
+            if self.reference:
+                everyone = list(self.present.values())
                 result.replaced.append(float(block_throughputs(replace_all(everyone, cfg.num_blocks),
                                                                cfg.num_blocks).min()))
                 result.bound.append(upper_bound(everyone, cfg.num_blocks))
-        if now >= next_route:
+        if now >= self.next_route:
             result.routed.append(routed_throughput(loaded, cfg.num_blocks))
-            next_route += cfg.route_every
+            self.next_route += cfg.route_every
 
-    while events:
-        now, _, kind, peer = heapq.heappop(events)
-        if now > horizon:
-            break
-        while sample <= now:
-            take_sample(sample)
-            sample += cfg.sample_every
-        if kind == "arrive":
-            a = arrivals[peer]
-            measure[peer] = a.measurement
-            tput = server_throughput(a.measurement, a.length)
-            if strategy == "random":
-                start = rng.randint(0, cfg.num_blocks - a.length)
-                span = (start, start + a.length)
-            else:
-                span = choose_span(list(present.values()), a.length, cfg.num_blocks)
-            present[peer] = Placed(peer, span[0], span[1], tput)
-            ready[peer] = now + cfg.load_seconds_per_block * a.length
-            if strategy == "full":
-                heapq.heappush(events, (now + rng.uniform(0, 2 * cfg.balance_period), next(tie), "check", peer))
-        elif kind == "leave":
-            if peer in present:
-                result.server_hours += (now - arrivals[peer].time) / 3600
-                del present[peer]
-                if strategy == "full" and cfg.react_window > 0:  # the others notice when its entry expires
-                    for other in present:
-                        if not reacts(rng, len(present)):
-                            continue
-                        at = now + cfg.detect_seconds + rng.uniform(0, cfg.react_window)
-                        heapq.heappush(events, (at, next(tie), "recheck", other))
-        elif kind in ("check", "recheck") and peer in present:
-            me = present[peer]
-            if ready[peer] <= now:
-                others = [s for p, s in present.items() if p != peer]
-                plan = plan_move(me, others, cfg.num_blocks, min_gain=cfg.min_gain, rng=rng)
-                if plan.move:
-                    present[peer] = Placed(peer, plan.start, plan.start + me.length, me.throughput)
-                    ready[peer] = now + cfg.load_seconds_per_block * me.length
-                    result.moves += 1
-            if kind == "check":
-                heapq.heappush(events, (now + rng.uniform(0, 2 * cfg.balance_period), next(tie), "check", peer))
-    while sample <= horizon:
-        take_sample(sample)
-        sample += cfg.sample_every
-    result.server_hours += sum((horizon - arrivals[p].time) / 3600 for p in present)
-    return result
+    def arrive(self, peer: str, now: float) -> None:
+        cfg, a = self.cfg, self.arrivals[peer]
+        tput = server_throughput(a.measurement, a.length)
+        if self.strategy == "random":
+            start = self.rng.randint(0, cfg.num_blocks - a.length)
+            span = (start, start + a.length)
+        else:
+            span = choose_span(list(self.present.values()), a.length, cfg.num_blocks)
+        self.present[peer] = Placed(peer, span[0], span[1], tput)
+        self.ready[peer] = now + cfg.load_seconds_per_block * a.length
+        if self.strategy == "full":
+            self.push(now + self.rng.uniform(0, 2 * cfg.balance_period), "check", peer)
+
+    def leave(self, peer: str, now: float) -> None:
+        if peer not in self.present:
+            return
+        cfg = self.cfg
+        self.result.server_hours += (now - self.arrivals[peer].time) / 3600
+        del self.present[peer]
+        if self.strategy == "full" and cfg.react_window > 0:  # the others notice when its entry expires
+            for other in self.present:
+                if reacts(self.rng, len(self.present)):
+                    self.push(now + cfg.detect_seconds + self.rng.uniform(0, cfg.react_window), "recheck", other)
+
+    def check(self, peer: str, now: float, again: bool) -> None:
+        """A rebalancing check (periodic when `again`, else a reaction to a departure)."""
+        cfg, me = self.cfg, self.present[peer]
+        if self.ready[peer] <= now:
+            others = [s for p, s in self.present.items() if p != peer]
+            plan = plan_move(me, others, cfg.num_blocks, min_gain=cfg.min_gain, rng=self.rng)
+            if plan.move:
+                self.present[peer] = Placed(peer, plan.start, plan.start + me.length, me.throughput)
+                self.ready[peer] = now + cfg.load_seconds_per_block * me.length
+                self.result.moves += 1
+        if again:
+            self.push(now + self.rng.uniform(0, 2 * cfg.balance_period), "check", peer)
