@@ -162,83 +162,103 @@ def _save_adapter(out: Path, adapter: Adapter, model_name: str) -> None:
     tmp.rmdir()
 
 
-def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[Progress], None] = lambda p: None,
-                 on_eval: Callable[[int, float], None] = lambda e, l: None) -> Result:
-    tuning = cfg.tuning()
+@dataclass
+class _Position:
+    """Where a run stands: steps done, the next (epoch, batch), and the losses so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    eval_losses: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+
+
+def _check(cfg: FinetuneConfig) -> tuple[int, Dataset, Dataset | None]:
+    """Options and every row checked before anything joins the swarm or loads a block: (pad id, train, eval)."""
     if cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.epochs < 1:
         raise BadRequest("--batch-size, --micro-batch and --epochs must be at least 1")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    state_file = cfg.out / CHECKPOINT / STATE
-    if cfg.resume and not state_file.exists():
+    if cfg.resume and not (cfg.out / CHECKPOINT / STATE).exists():
         raise BadRequest(f"--resume: no checkpoint in {cfg.out}", hint="run without --resume to start")
-    # Every row is checked before anything joins the swarm or loads a block.
     tok = load_tokenizer(resolve_model(cfg.model))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     train = load_jsonl(cfg.data, tok, cfg.max_length, cfg.skip_bad)
     evals = load_jsonl(cfg.eval, tok, cfg.max_length, cfg.skip_bad) if cfg.eval else None
     if train.skipped:
         log.warning("skipped %d bad rows of %s", len(train.skipped), cfg.data)
+    return pad_id, train, evals
+
+
+def _start(cfg: FinetuneConfig, backend: Backend) -> tuple[Adapter, torch.optim.Optimizer, _Position]:
+    """A new adapter (initialised from the seed) and optimizer, or the checkpoint's with --resume."""
+    tuning = cfg.tuning()
+    g = torch.Generator().manual_seed(cfg.seed)
+    init = None
+    if tuning.method != "lora":
+        ids = torch.randint(0, backend.head.embedding_layer().num_embeddings, (tuning.num_prompts,), generator=g)
+        init = backend.head.embed(ids).detach()
+    adapter = Adapter(backend.config, tuning, init, g)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    if not cfg.resume:
+        return adapter, optimizer, _Position()
+    state = json.loads((cfg.out / CHECKPOINT / STATE).read_text())
+    if state["method"] != tuning.method or state["seed"] != cfg.seed:
+        raise BadRequest(f"--resume: the checkpoint is of --method {state['method']} --seed {state['seed']}")
+    loaded = Adapter.load(cfg.out / CHECKPOINT, backend.config)
+    with torch.no_grad():
+        for p, q in zip(adapter.parameters(), loaded.parameters()):
+            p.copy_(q)
+    optimizer.load_state_dict(torch.load(cfg.out / CHECKPOINT / OPTIMIZER))
+    at = _Position(state["step"], state["epoch"], state["batch"], state["eval_losses"], state["train_losses"])
+    log.info("resuming at step %d (epoch %d, batch %d)", at.step, at.epoch, at.batch)
+    return adapter, optimizer, at
+
+
+def run_finetune(cfg: FinetuneConfig, on_progress: Callable[[Progress], None] = lambda p: None,
+                 on_eval: Callable[[int, float], None] = lambda e, l: None) -> Result:
+    """Train the adapter `cfg` asks for; checkpoints go to `cfg.out` every `checkpoint_every` steps."""
+    cfg.tuning()  # its options are checked first
+    pad_id, train, evals = _check(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     backend = Backend(cfg)
     try:
-        g = torch.Generator().manual_seed(cfg.seed)
-        init = None
-        if tuning.method != "lora":
-            ids = torch.randint(0, backend.head.embedding_layer().num_embeddings, (tuning.num_prompts,), generator=g)
-            init = backend.head.embed(ids).detach()
-        adapter = Adapter(backend.config, tuning, init, g)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+        adapter, optimizer, at = _start(cfg, backend)
+        if not cfg.resume and evals is not None:
+            at.eval_losses.append(evaluate(backend, adapter, evals, cfg.batch_size, pad_id))
+            on_eval(0, at.eval_losses[-1])
         per_epoch = math.ceil(len(train.examples) / cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-        step, start_epoch, start_batch = 0, 0, 0
-        eval_losses: list[float] = []
-        train_losses: list[float] = []
-        if cfg.resume:
-            state = json.loads(state_file.read_text())
-            if state["method"] != tuning.method or state["seed"] != cfg.seed:
-                raise BadRequest(f"--resume: the checkpoint is of --method {state['method']} --seed {state['seed']}")
-            loaded = Adapter.load(cfg.out / CHECKPOINT, backend.config)
-            with torch.no_grad():
-                for p, q in zip(adapter.parameters(), loaded.parameters()):
-                    p.copy_(q)
-            optimizer.load_state_dict(torch.load(cfg.out / CHECKPOINT / OPTIMIZER))
-            step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
-            eval_losses, train_losses = state["eval_losses"], state["train_losses"]
-            log.info("resuming at step %d (epoch %d, batch %d)", step, start_epoch, start_batch)
-        elif evals is not None:
-            eval_losses.append(evaluate(backend, adapter, evals, cfg.batch_size, pad_id))
-            on_eval(0, eval_losses[-1])
 
         def checkpoint(epoch: int, batch: int) -> None:
-            state = {"step": step, "epoch": epoch, "batch": batch, "method": tuning.method, "seed": cfg.seed,
-                     "eval_losses": eval_losses, "train_losses": train_losses}
+            state = {"step": at.step, "epoch": epoch, "batch": batch, "method": cfg.method, "seed": cfg.seed,
+                     "eval_losses": at.eval_losses, "train_losses": at.train_losses}
             _save_checkpoint(cfg.out, adapter, optimizer, state, backend.name)
-            log.info("checkpoint saved at step %d", step)
+            log.info("checkpoint saved at step %d", at.step)
 
         t0, tokens = time.perf_counter(), 0
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(at.epoch, cfg.epochs):
             batches = _batches(train, epoch_order(len(train.examples), cfg.seed, epoch), cfg.batch_size)
-            for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
-                if step >= total:
+            for b in range(at.batch if epoch == at.epoch else 0, len(batches)):
+                if at.step >= total:
                     break
                 ids, mask, labels = collate([train.examples[i] for i in batches[b]], pad_id)
                 loss, _ = lm_loss(adapted_logits(backend.head, backend.runner, adapter, ids, mask), labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                step += 1
+                at.step += 1
                 tokens += int(mask.sum())
-                train_losses.append(float(loss.detach()))
-                log.info("step %d/%d: loss %.4f", step, total, train_losses[-1])
-                on_progress(Progress(step, total, epoch, train_losses[-1], tokens / (time.perf_counter() - t0)))
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                at.train_losses.append(float(loss.detach()))
+                log.info("step %d/%d: loss %.4f", at.step, total, at.train_losses[-1])
+                on_progress(Progress(at.step, total, epoch, at.train_losses[-1], tokens / (time.perf_counter() - t0)))
+                if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
                     checkpoint(epoch, b + 1)
-            if evals is not None and step <= total:
-                eval_losses.append(evaluate(backend, adapter, evals, cfg.batch_size, pad_id))
-                on_eval(epoch + 1, eval_losses[-1])
-            if step >= total:
+            if evals is not None and at.step <= total:
+                at.eval_losses.append(evaluate(backend, adapter, evals, cfg.batch_size, pad_id))
+                on_eval(epoch + 1, at.eval_losses[-1])
+            if at.step >= total:
                 break
         checkpoint(cfg.epochs, 0)
         _save_adapter(cfg.out, adapter, backend.name)
-        return Result(step, eval_losses, train_losses, cfg.out, len(train.skipped), backend.retries)
+        return Result(at.step, at.eval_losses, at.train_losses, cfg.out, len(train.skipped), backend.retries)
     finally:
         backend.close()
