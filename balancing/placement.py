@@ -25,6 +25,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+__all__ = ["MIN_GAIN", "reacts", "Placed", "MovePlan", "block_throughputs", "best_start", "choose_span",
+           "sole_blocks", "plan_move", "replace_all", "blocks_for_memory"]
+
 STAY_BIAS = 1e-3  # a mover sees its own span as this fraction of its throughput weaker: ties keep it put
 COVERED = 1e-9  # a block whose summed throughput is at most this is uncovered
 MIN_GAIN = 0.10  # move only when the swarm's bottleneck would rise by more than this fraction

@@ -18,6 +18,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+__all__ = ["Candidate", "Hop", "NoRoute", "link_rtt", "client_link_rtt", "hop_cost", "min_latency_chain",
+           "chain_time", "spread_chain"]
+
 DEFAULT_RTT = 0.05  # seconds, for links nobody measured yet
 
 

@@ -36,6 +36,8 @@ from mesh.balancing.placement import (MIN_GAIN, Placed, block_throughputs, choos
 from mesh.balancing.routing import Candidate, NoRoute, min_latency_chain
 from mesh.balancing.throughput import Measurement, server_throughput
 
+__all__ = ["SimConfig", "Arrival", "SimResult", "draw_arrivals", "upper_bound", "routed_throughput", "simulate"]
+
 STRATEGIES = ("random", "newcomers", "full")
 
 

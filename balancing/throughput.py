@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["DEFAULT_BANDWIDTH", "Measurement", "network_rps", "compute_rps", "server_throughput"]
+
 DECODE_SHARE = 0.5
 RELAY_FACTOR = 0.2  # a relayed server's bytes cross two links and share the relay's
 DEFAULT_BANDWIDTH = 100e6  # bits/s assumed when the link could not be measured

@@ -9,6 +9,8 @@ import typer
 from mesh.cli.common import draft_option, initial_peers_option, speculate_option
 from mesh.cli.output import one_line_errors, setup_logging, stderr, write
 
+__all__ = ["Conversation", "chat"]
+
 
 class Conversation:
     """Chat turns fed into one inference session: each turn sends only the tokens the servers lack."""

@@ -9,6 +9,8 @@ import typer
 from mesh.net.identity import default_identity_path
 from mesh.net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 
+__all__ = ["initial_peers_option", "speculate_option", "draft_option", "node_config"]
+
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
                       "Without any, a server starts a new swarm.")
 

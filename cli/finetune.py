@@ -9,6 +9,8 @@ import typer
 from mesh.cli.common import initial_peers_option
 from mesh.cli.output import one_line_errors, setup_logging, stderr, write
 
+__all__ = ["finetune"]
+
 
 @one_line_errors
 def finetune(

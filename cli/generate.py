@@ -9,6 +9,8 @@ import typer
 from mesh.cli.common import draft_option, initial_peers_option, speculate_option
 from mesh.cli.output import one_line_errors, parse_dtype, stderr, write
 
+__all__ = ["generate"]
+
 
 @one_line_errors
 def generate(

@@ -14,6 +14,8 @@ from pathlib import Path
 from mesh.model.errors import MeshError
 from mesh.model.local import split_evenly
 
+__all__ = ["LISTENING", "LocalSwarm"]
+
 LISTENING = re.compile(r"^mesh: listening on (\S+)$", re.M)
 
 

@@ -10,6 +10,8 @@ from mesh.cli.generate import generate
 from mesh.cli.serve import serve
 from mesh.cli.status import status
 
+__all__ = ["version", "demo"]
+
 app = typer.Typer(help="mesh: run and fine-tune large language models across a swarm of devices.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 

@@ -13,6 +13,8 @@ from rich.logging import RichHandler
 
 from mesh.model.errors import MeshError
 
+__all__ = ["stderr", "one_line_errors", "setup_logging", "parse_dtype", "write"]
+
 F = TypeVar("F", bound=Callable)
 
 EXIT_ERROR = 2

@@ -11,6 +11,8 @@ import typer
 from mesh.cli.common import initial_peers_option, node_config
 from mesh.cli.output import one_line_errors, parse_dtype, setup_logging, write
 
+__all__ = ["serve"]
+
 
 @one_line_errors
 def serve(

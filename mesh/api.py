@@ -32,6 +32,8 @@ from mesh.net.node import NodeConfig, env_initial_peers
 from mesh.net.portal import SwarmClient, unwrap
 from mesh.net.swarm import block_ranges
 
+__all__ = ["SwarmSession", "DistributedModelForCausalLM"]
+
 log = logging.getLogger("mesh.api")
 
 

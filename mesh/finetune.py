@@ -27,6 +27,8 @@ from mesh.model.sources import resolve_model
 from mesh.model.lora import DEFAULT_TARGETS, LoraSpec
 from mesh.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
 
+__all__ = ["FinetuneConfig", "Progress", "Result", "Backend", "evaluate", "run_finetune"]
+
 log = logging.getLogger("mesh.finetune")
 
 CHECKPOINT = "checkpoint"

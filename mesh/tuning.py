@@ -29,6 +29,8 @@ from mesh.model.head import ClientHead, prepend_prefix, token_positions
 from mesh.model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
 from mesh.model.span import Span
 
+__all__ = ["TuningConfig", "Adapter", "BlockRunner", "adapted_logits", "lm_loss", "LocalRunner", "SwarmRunner"]
+
 METHODS = ("prompt", "deep-prompt", "lora")
 ADAPTER_FILE = "mesh_adapter.json"
 PROMPTS_FILE = "prompts.safetensors"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
+__all__ = ["has_chat_template", "encode_messages", "encode_text", "TextStream"]
+
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))

@@ -21,6 +21,9 @@ from transformers.masking_utils import create_causal_mask
 
 from mesh.model.errors import UnsupportedArchitecture
 
+__all__ = ["Family", "family_of", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
+           "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
+
 TESTED_TRANSFORMERS = (">=5.20", "<5.40")
 
 # model_type -> family. Llama-like models share one path: RoPE computed outside the layer.

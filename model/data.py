@@ -18,6 +18,8 @@ import torch
 
 from mesh.model.errors import BadRequest
 
+__all__ = ["IGNORE", "DataError", "Example", "Dataset", "parse_row", "load_jsonl", "collate", "epoch_order"]
+
 IGNORE = -100
 MAX_REPORTED = 10
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+__all__ = ["MeshError", "ModelNotFound", "ModelLoadError", "UnsupportedArchitecture", "SpanOutOfRange",
+           "MaxLengthExceeded", "BadRequest"]
+
 
 class MeshError(Exception):
     """Base of every error mesh raises on purpose; `code` travels on the wire."""

@@ -25,6 +25,8 @@ from mesh.model.head import ClientHead, prepend_prefix, token_positions
 from mesh.model.span import Span
 from mesh.model.speculative import Speculator, accept_draft
 
+__all__ = ["RunBlocks", "SamplingConfig", "LocalSpans", "Generator"]
+
 
 class RunBlocks(Protocol):
     """Run new tokens through every block. `position` is how many tokens the caches should already hold:

@@ -16,6 +16,8 @@ from mesh.model import compat
 from mesh.model.sources import ModelSource
 from mesh.model.weights import Checkpoint
 
+__all__ = ["ClientHead", "token_positions", "prepend_prefix", "head_from_model", "load_head", "load_tokenizer"]
+
 
 class ClientHead(nn.Module):
     """Token embeddings in, logits out; everything between runs on spans."""

@@ -12,6 +12,8 @@ from mesh.model.head import ClientHead, load_head
 from mesh.model.sources import ModelSource
 from mesh.model.span import Span, load_span
 
+__all__ = ["split_evenly", "load_local"]
+
 
 def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous ranges covering [0, num_blocks) whose sizes differ by at most one."""

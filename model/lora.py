@@ -24,6 +24,9 @@ from transformers import PretrainedConfig
 from mesh.model import compat
 from mesh.model.errors import BadRequest
 
+__all__ = ["DEFAULT_TARGETS", "LoraSpec", "LoraWeights", "target_modules", "init_lora", "applied", "save_peft",
+           "load_peft"]
+
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -25,6 +25,9 @@ from mesh.model import compat
 from mesh.model.quant import bytes_per_block, quantizer
 from mesh.model.span import Span, block_params
 
+__all__ = ["measure_block", "measurement_key", "cached", "available_memory", "default_budget", "block_bytes",
+           "cache_bytes_per_block", "work_bytes"]
+
 log = logging.getLogger("mesh.measure")
 
 DECODE_STEPS = 32

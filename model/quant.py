@@ -19,6 +19,8 @@ from torch import nn
 
 from mesh.model.errors import BadRequest
 
+__all__ = ["check_quant", "quantize_linears", "quantizer", "tensor_bytes", "bytes_per_block"]
+
 QUANT_MODES = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold: activations above it go through an fp16 matmul
 

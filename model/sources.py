@@ -24,6 +24,8 @@ from transformers import PretrainedConfig
 from mesh.model import compat
 from mesh.model.errors import MeshError, ModelLoadError, ModelNotFound
 
+__all__ = ["WELL_KNOWN", "ModelSource", "cache_root", "resolve_model"]
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

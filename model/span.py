@@ -20,6 +20,9 @@ from mesh.model.lora import LoraWeights
 from mesh.model.lora import applied as lora_applied
 from mesh.model.weights import Checkpoint, Fetch, read_block
 
+__all__ = ["SpanCache", "SpanGrads", "Graph", "Span", "check_range", "load_span", "span_from_model",
+           "block_params"]
+
 # Called on each freshly loaded layer (e.g. to quantize its linear layers); returns the layer to use.
 LayerHook = Callable[[nn.Module, int], nn.Module]
 

@@ -16,6 +16,8 @@ from safetensors import safe_open
 
 from mesh.model.errors import ModelLoadError
 
+__all__ = ["Checkpoint", "find_prefix", "read_block"]
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 Fetch = Callable[[list[str]], None]  # makes the named files of a checkpoint's folder present

@@ -20,6 +20,8 @@ from mesh.model.lora import LoraSpec, LoraWeights
 from mesh.net.codec import decode_tensor, encode_tensor
 from mesh.net.wire import AdapterUnknown
 
+__all__ = ["LoraRef", "AdapterCache", "weights_hash", "ClientLora"]
+
 CACHE_SIZE = 16
 MAX_KEY = 200
 

@@ -27,6 +27,9 @@ from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, For
 from mesh.net.node import Node, PeerUnavailable
 from mesh.net.swarm import ServerInfo
 
+__all__ = ["RemoteSession", "open_session", "remote_forward", "remote_backward", "server_info", "ping",
+           "probe_link"]
+
 STEP_TIMEOUT = 60.0
 PROBE_BYTES = 1 << 20
 

@@ -21,6 +21,8 @@ import torch
 
 from mesh.model.errors import BadRequest
 
+__all__ = ["COMPRESSIONS", "check_compression", "encode_tensor", "decode_tensor", "wire_size"]
+
 COMPRESSIONS = ("none", "float16", "bfloat16", "int8")
 INT8_BLOCK = 64
 INT8_OUTLIER = 32.0

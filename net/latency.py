@@ -10,6 +10,8 @@ from mesh.net.client import ping
 from mesh.net.node import Node
 from mesh.net.wire import short_id
 
+__all__ = ["RttTracker"]
+
 log = logging.getLogger("mesh.latency")
 
 ALPHA = 0.3  # weight of a new sample

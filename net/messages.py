@@ -17,6 +17,11 @@ from mesh.model.errors import BadRequest
 from mesh.net.codec import decode_tensor, encode_tensor
 from mesh.net.wire import PROTOCOL_VERSION, UnknownVersion
 
+__all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
+           "InfoRequest", "InfoReply", "OpenSession", "SessionOpened", "Step", "StepResult", "HistoryRequest",
+           "History", "Relink", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
+           "BackwardReply"]
+
 MAX_TENSOR_NUMEL = 64 * 1024 * 1024
 _TYPES: dict[str, type["Message"]] = {}
 

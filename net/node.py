@@ -50,6 +50,9 @@ from mesh.net.identity import Identity, open_identity
 from mesh.net.messages import Message
 from mesh.net.ports import claim_ports, port_lock
 
+__all__ = ["DEFAULT_LISTEN", "ENV_INITIAL_PEERS", "MAX_STREAMS_PER_PEER", "PeerUnavailable", "NodeConfig",
+           "env_initial_peers", "parse_peer_addr", "Node", "open_node"]
+
 log = logging.getLogger("mesh.node")
 
 DEFAULT_PORT = 31337

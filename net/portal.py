@@ -19,6 +19,8 @@ from mesh.net.latency import RttTracker
 from mesh.net.node import Node, NodeConfig, open_node
 from mesh.net.swarm import Swarm, open_swarm
 
+__all__ = ["SwarmClient", "unwrap"]
+
 log = logging.getLogger("mesh.client")
 
 

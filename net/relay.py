@@ -41,6 +41,11 @@ from mesh.net import wire
 from mesh.net.wire import short_id
 from mesh.net.messages import Message
 
+__all__ = ["CIRCUIT", "PING_TIMEOUT", "RELAY_LIMITS", "is_circuit", "circuit_addrs", "split_circuit",
+           "is_relayed", "RelayRefused", "dial_circuit", "reserve", "DialBack", "DialBackReply",
+           "serve_dialback", "listen_ports", "check_dialable", "RelayState", "RelayHost", "RelaySlot",
+           "establish_reachability"]
+
 log = logging.getLogger("mesh.relay")
 
 CIRCUIT = "/p2p-circuit"

@@ -42,6 +42,10 @@ from mesh.net.lane import ComputeLane
 from mesh.net.sessions import MAX_BATCH, Sessions
 from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
 
+__all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit", "measure_link",
+           "measure_throughput", "assemble_span", "placed", "KeptGraphs", "Server", "relay_candidates",
+           "run_server"]
+
 log = logging.getLogger("mesh.server")
 
 MAX_NEIGHBOURS = 8

@@ -31,6 +31,9 @@ from mesh.net.messages import Snapshot, SnapshotRequest
 from mesh.net.node import Node
 from mesh.net.wire import short_id
 
+__all__ = ["ServerState", "ServerInfo", "topic", "provider_key", "SwarmTable", "Swarm", "open_swarm",
+           "coverage_summary", "block_ranges"]
+
 log = logging.getLogger("mesh.swarm")
 
 

@@ -31,6 +31,8 @@ from mesh.net.chain import ChainConfig, RouteUnavailable, candidates
 from mesh.net.node import PeerUnavailable
 from mesh.net.wire import short_id
 
+__all__ = ["Pass", "Grads", "SwarmBlocks"]
+
 log = logging.getLogger("mesh.training")
 
 RETRIABLE = (PeerUnavailable, wire.FrameTimeout, wire.StreamClosed, wire.Unavailable, wire.Busy, trio.TooSlowError)

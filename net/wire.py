@@ -16,6 +16,11 @@ import trio
 from mesh.model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
                                SpanOutOfRange, UnsupportedArchitecture)
 
+__all__ = ["PROTOCOL_VERSION", "ByteStream", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
+           "FrameTimeout", "MalformedFrame", "StreamClosed", "UnknownVersion", "Busy", "Unavailable",
+           "AdapterUnknown", "RemoteError", "read_exact", "pack", "write_frame", "read_frame", "error_frame",
+           "raise_if_error", "close_quietly", "reset_quietly", "short_id"]
+
 PROTOCOL_VERSION = "1.0.0"
 MAX_FRAME = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
