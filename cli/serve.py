@@ -10,6 +10,7 @@ import typer
 
 from mesh.cli.common import initial_peers_option, node_config
 from mesh.cli.output import one_line_errors, parse_dtype, setup_logging, write
+from mesh.net import defaults
 
 __all__ = ["serve"]
 
@@ -17,7 +18,7 @@ __all__ = ["serve"]
 @one_line_errors
 def serve(
     model: str = typer.Argument("smollm2", help="Model to serve: name, hub id, folder or .gguf."),
-    blocks: str = typer.Option("auto", help="START:END to host blocks [START, END), or auto: as many as "
+    blocks: str = typer.Option(defaults.BLOCKS, help="START:END to host blocks [START, END), or auto: as many as "
                                "--max-memory holds, where the swarm is weakest, moving when balance needs it."),
     initial_peers: list[str] = initial_peers_option(),
     listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337, or the "
@@ -26,14 +27,16 @@ def serve(
                                                "while another server here uses it, identity-2.key, …)."),
     new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16: weights and compute."),
-    quant: str = typer.Option("none", help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),
+    quant: str = typer.Option(defaults.QUANT, help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),
     max_memory: float = typer.Option(None, "--max-memory", "--memory",
                                      help="With --blocks auto: GB for the blocks (at --quant) and their attention "
                                           "cache (default: half the available memory)."),
-    balance_period: float = typer.Option(60.0, min=0.0, help="With --blocks auto: mean seconds between checks "
-                                                            "whether moving would help the swarm (0: never move)."),
-    join_delay: float = typer.Option(2.5, min=0.0, help="With --blocks auto: mean random wait before choosing "
-                                                       "blocks, so servers starting together spread out."),
+    balance_period: float = typer.Option(defaults.BALANCE_PERIOD, min=0.0,
+                                         help="With --blocks auto: mean seconds between checks whether moving "
+                                              "would help the swarm (0: never move)."),
+    join_delay: float = typer.Option(defaults.JOIN_DELAY, min=0.0,
+                                     help="With --blocks auto: mean random wait before choosing blocks, so "
+                                          "servers starting together spread out."),
     bandwidth: float = typer.Option(None, min=0.1, help="This host's link in Mbit/s, for the announced "
                                                        "throughput (default: probed against a connected "
                                                        "server, else 100 assumed)."),
@@ -41,11 +44,12 @@ def serve(
                                                   "by the folder's name (`mesh chat --adapter NAME`). Repeatable."),
     remeasure: bool = typer.Option(False, "--remeasure", help="Measure compute throughput again instead of "
                                                              "using the cached figure."),
-    cache_tokens: int = typer.Option(32768, min=1, help="Attention-cache budget: sum of max_length × batch over sessions."),
-    max_length: int = typer.Option(4096, min=1, help="Longest session a client may open."),
+    cache_tokens: int = typer.Option(defaults.CACHE_TOKENS, min=1,
+                                     help="Attention-cache budget: sum of max_length × batch over sessions."),
+    max_length: int = typer.Option(defaults.MAX_LENGTH, min=1, help="Longest session a client may open."),
     public_name: str = typer.Option("", help="Name shown in `mesh status`."),
-    announce_period: float = typer.Option(5.0, min=0.2, help="Seconds between announcements."),
-    idle_timeout: float = typer.Option(300.0, min=1.0, help="Close sessions silent for this long."),
+    announce_period: float = typer.Option(defaults.ANNOUNCE_PERIOD, min=0.2, help="Seconds between announcements."),
+    idle_timeout: float = typer.Option(defaults.IDLE_TIMEOUT, min=1.0, help="Close sessions silent for this long."),
     threads: int = typer.Option(0, min=0, help="CPU threads for compute (0 = torch's default: all cores). "
                                              "Servers sharing a machine should split its cores."),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="-v: what the node does; -vv: details."),

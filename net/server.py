@@ -28,7 +28,7 @@ from mesh.model.measure import (available_memory, block_bytes, cache_bytes_per_b
 from mesh.model.quant import quantizer
 from mesh.model.sources import ModelSource, cache_root, resolve_model
 from mesh.model.span import Span, load_span
-from mesh.net import wire
+from mesh.net import defaults, wire
 from mesh.net.client import ping, probe_link
 from mesh.net.adapters import AdapterCache
 from mesh.net.codec import check_compression, encode_tensor
@@ -57,23 +57,25 @@ WARMUP_TOKENS = 256  # tokens of the warm-up pass after loading (a replay chunk'
 
 @dataclass
 class ServerConfig:
+    """How a server runs (defaults in net/defaults.py, shared with `mesh serve`)."""
+
     model: str
-    blocks: str = "auto"  # "START:END" or "auto"
+    blocks: str = defaults.BLOCKS
     node: NodeConfig = field(default_factory=NodeConfig)
     dtype: torch.dtype = torch.float32
-    quant: str = "none"  # "none", "int8" or "nf4": the span's linear layers
+    quant: str = defaults.QUANT
     max_memory_gb: float | None = None  # with --blocks auto: blocks + their cache (None: a share of free RAM)
-    join_delay: float = 2.5  # with --blocks auto: wait U(0, 2 × this) s before choosing, so joiners spread
-    balance_period: float = 60.0  # with --blocks auto: mean s between rebalancing checks (0: never move)
+    join_delay: float = defaults.JOIN_DELAY
+    balance_period: float = defaults.BALANCE_PERIOD
     min_gain: float = MIN_GAIN  # move only if the swarm's bottleneck would rise by more than this fraction
     bandwidth_mbps: float | None = None  # this host's link; None: probed against a peer, else DEFAULT_BANDWIDTH
     remeasure: bool = False  # ignore the cached throughput measurement
     adapters: list[Path] = field(default_factory=list)  # LoRA folders (peft format) served by folder name
-    cache_tokens: int = 32768  # sum of max_length × batch over open sessions
-    max_length: int = 4096  # longest session a client may open
+    cache_tokens: int = defaults.CACHE_TOKENS
+    max_length: int = defaults.MAX_LENGTH
     public_name: str = ""
-    announce_period: float = 5.0
-    idle_timeout: float = 300.0  # a session silent this long is closed and its cache freed
+    announce_period: float = defaults.ANNOUNCE_PERIOD
+    idle_timeout: float = defaults.IDLE_TIMEOUT
     drain_timeout: float = 10.0  # how long a draining server waits for open sessions
     cache_dir: Path | None = None
 
