@@ -58,6 +58,8 @@ class Placed:
 
 @dataclass(frozen=True)
 class MovePlan:
+    """Whether a server should move, where, and why (for its log)."""
+
     move: bool
     start: int  # where to go; the current start when staying
     bottleneck: float  # min(T) now

@@ -38,12 +38,16 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Hop:
+    """One hop of a chain: a server and the blocks [start, end) it computes."""
+
     peer_id: str
     start: int
     end: int
 
 
 class NoRoute(Exception):
+    """No chain covers the blocks; names the first uncovered block."""
+
     def __init__(self, block: int) -> None:
         super().__init__(f"no server holds block {block}")
         self.block = block

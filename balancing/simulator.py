@@ -43,6 +43,8 @@ STRATEGIES = ("random", "newcomers", "full")
 
 @dataclass(frozen=True)
 class SimConfig:
+    """A simulated swarm: model size, arrivals and lifetimes, timings, and the sampling."""
+
     num_blocks: int = 80
     servers: int = 50  # mean population: arrival rate × mean lifetime
     hours: float = 6.0
@@ -61,6 +63,8 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Arrival:
+    """One server of the simulation: when it comes, when it leaves, its blocks and speed."""
+
     peer_id: str
     time: float
     leaves: float
@@ -70,6 +74,8 @@ class Arrival:
 
 @dataclass
 class SimResult:
+    """A strategy's run: the swarm's throughput over time, moves, and the references."""
+
     strategy: str
     times: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # min(T) at each sample

@@ -31,6 +31,8 @@ BITS_PER_VALUE = 16
 
 @dataclass(frozen=True)
 class Measurement:
+    """A server's measured rates: per-block decode and forward, and its link."""
+
     inference_rps: float  # per block
     forward_rps: float  # per block
     network_rps: float
@@ -52,6 +54,7 @@ def network_rps(bits_per_second: float, hidden_size: int) -> float:
 
 
 def compute_rps(inference_rps: float, forward_rps: float) -> float:
+    """One block's compute rate for the mix of decode steps and forward tokens a server sees."""
     return 1.0 / (DECODE_SHARE / inference_rps + (1 - DECODE_SHARE) / forward_rps)
 
 

@@ -16,22 +16,26 @@ INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>);
 
 
 def initial_peers_option():
+    """The --initial-peers option every networked command takes."""
     return typer.Option(None, "--initial-peers", "--peer", help=INITIAL_PEERS_HELP)
 
 
 def speculate_option():
+    """The --speculate option of the commands that generate."""
     return typer.Option("auto", "--speculate", help="Speculative decoding: off, auto (drafts per pass chosen from "
                         "the acceptance rate and pass times) or a fixed number of drafts per pass (1-8). Greedy "
                         "output is unchanged; sampled output keeps its distribution.")
 
 
 def draft_option():
+    """The --draft option of the commands that generate."""
     return typer.Option(None, "--draft", help="Draft with this small local model of the same tokenizer "
                         "(default: prompt lookup, which needs no model).")
 
 
 def node_config(initial_peers: list[str] | None, listen: list[str] | None = None, identity: Path | None = None,
                 *, server: bool = True, ephemeral: bool = False) -> NodeConfig:
+    """A NodeConfig from the command line (a server listens and keeps its identity; a client neither)."""
     peers = list(initial_peers or []) or env_initial_peers()
     default_listen = server and not listen
     if server:

@@ -22,6 +22,7 @@ EXIT_INTERRUPTED = 130
 
 
 def stderr() -> Console:
+    """The console for status lines and errors (stdout carries only the answer)."""
     return Console(stderr=True)
 
 
@@ -92,6 +93,7 @@ class _PlainFormatter(logging.Formatter):
 
 
 def parse_dtype(name: str):
+    """A --dtype value as a torch dtype, or a BadRequest."""
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -102,5 +104,6 @@ def parse_dtype(name: str):
 
 
 def write(text: str) -> None:
+    """Text to stdout at once (streamed answers)."""
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -102,6 +102,8 @@ async def _set(event: trio.Event) -> None:
 
 
 class DistributedModelForCausalLM:
+    """A causal LM whose blocks run in the swarm, used like a transformers model."""
+
     def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
                  compression: str = "none", route_wait: float = 30.0, exact: bool = False) -> None:
         self.accept = self._base_accept = is_exact if exact else None  # exact: float32, unquantized only

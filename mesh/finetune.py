@@ -38,6 +38,8 @@ OPTIMIZER = "optimizer.pt"
 
 @dataclass
 class FinetuneConfig:
+    """Everything a fine-tuning run depends on (its result is a function of these)."""
+
     data: Path
     model: str = "smollm2"
     method: str = "lora"
@@ -71,6 +73,8 @@ class FinetuneConfig:
 
 @dataclass
 class Progress:
+    """One training step's report, for progress bars."""
+
     step: int
     total: int
     epoch: int
@@ -80,6 +84,8 @@ class Progress:
 
 @dataclass
 class Result:
+    """What a run did: steps, losses, where the adapter is, rows skipped, hops rerouted."""
+
     steps: int
     eval_losses: list[float]  # before training, then after each epoch (empty without --eval)
     train_losses: list[float]

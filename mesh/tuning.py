@@ -38,6 +38,8 @@ PROMPTS_FILE = "prompts.safetensors"
 
 @dataclass(frozen=True)
 class TuningConfig:
+    """Which adapter to train (prompt, deep prompt or LoRA) and its size."""
+
     method: str = "lora"
     num_prompts: int = 16
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -122,6 +124,8 @@ class Adapter(nn.Module):
 
 
 class BlockRunner(Protocol):
+    """Runs the frozen blocks with an adapter: locally or through the swarm."""
+
     def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                  adapter: Adapter) -> torch.Tensor: ...
 

@@ -9,6 +9,7 @@ __all__ = ["has_chat_template", "encode_messages", "encode_text", "TextStream"]
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer can wrap messages (base models cannot: use raw completion)."""
     return bool(getattr(tokenizer, "chat_template", None))
 
 
@@ -19,6 +20,7 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids [1, T] of plain text, as the tokenizer encodes it by default."""
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 

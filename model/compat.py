@@ -87,6 +87,7 @@ def build_layer(family: Family, config: PretrainedConfig, layer_idx: int) -> nn.
 
 def new_kv_cache(config: PretrainedConfig) -> DynamicCache:
     # Slots are created lazily up to the highest layer index used; empty slots cost nothing.
+    """An empty KV cache for the layers of a span (keyed by their global indices)."""
     return DynamicCache()
 
 
@@ -96,6 +97,7 @@ def kv_length(cache: DynamicCache, first_layer: int) -> int:
 
 
 def kv_crop(cache: DynamicCache, tokens_to_remove: int) -> None:
+    """Drop the last `tokens_to_remove` tokens of every layer's cache (rollbacks)."""
     if tokens_to_remove > 0:
         cache.crop(-tokens_to_remove)  # only negative counts are accepted in 5.x
 
@@ -177,6 +179,7 @@ class LayerRunner:
 
 
 def load_config(path: str) -> PretrainedConfig:
+    """A model folder's config, with the attention implementation mesh runs."""
     return ensure_attention(AutoConfig.from_pretrained(path))
 
 

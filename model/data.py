@@ -25,17 +25,23 @@ MAX_REPORTED = 10
 
 
 class DataError(BadRequest):
+    """A row of a fine-tuning file that cannot be used, with its line number."""
+
     code = "bad_request"
 
 
 @dataclass
 class Example:
+    """One tokenized row: its ids and the labels the loss counts (-100 elsewhere)."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token is context, not target
 
 
 @dataclass
 class Dataset:
+    """The usable rows of a file, and the ones skipped with --skip-bad (line, reason)."""
+
     examples: list[Example]
     skipped: list[tuple[int, str]]  # (line, why)
     path: Path
@@ -63,6 +69,7 @@ def _chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def parse_row(row: object, tokenizer) -> Example:
+    """One JSONL row (text, prompt + completion, or chat messages) as an Example."""
     if not isinstance(row, dict):
         raise ValueError("not a JSON object")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -21,24 +21,36 @@ class MeshError(Exception):
 
 
 class ModelNotFound(MeshError):
+    """The model reference resolves to nothing (no folder, file, alias or reachable repo)."""
+
     code = "not_found"
 
 
 class ModelLoadError(MeshError):
+    """The model was found but its files cannot be read as a model."""
+
     code = "load_error"
 
 
 class UnsupportedArchitecture(MeshError):
+    """A model family mesh has no layer adapter for (see model/compat.py)."""
+
     code = "unsupported"
 
 
 class SpanOutOfRange(MeshError):
+    """Blocks outside the model's 0..num_blocks."""
+
     code = "bad_request"
 
 
 class MaxLengthExceeded(MeshError):
+    """A session would hold more tokens than it was opened for."""
+
     code = "max_length"
 
 
 class BadRequest(MeshError):
+    """Input that breaks the rules: a peer's frame, a user's option or file row."""
+
     code = "bad_request"

@@ -38,6 +38,8 @@ class RunBlocks(Protocol):
 
 @dataclass
 class SamplingConfig:
+    """How tokens are chosen, with transformers' generate() meaning for each option."""
+
     max_new_tokens: int = 32
     do_sample: bool = False
     temperature: float = 1.0

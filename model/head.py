@@ -73,6 +73,7 @@ def head_from_model(model: nn.Module) -> ClientHead:
 
 
 def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> ClientHead:
+    """The client's part of a model (embeddings, final norm, LM head), reading no block."""
     config = copy.deepcopy(source.config)
     family = compat.family_of(config)
     config.num_hidden_layers = 0
@@ -105,6 +106,7 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> Client
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the left (generation) with EOS when it has no pad token."""
     tok = AutoTokenizer.from_pretrained(str(source.path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -29,6 +29,7 @@ def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 def load_local(source: ModelSource, dtype: torch.dtype = torch.float32,
                num_spans: int = 3) -> tuple[ClientHead, list[Span]]:
+    """The head and every block in this process, in `num_spans` spans (the reference run)."""
     head = load_head(source, dtype)
     spans = [load_span(source.path, source.config, a, b, dtype, fetch=source.fetch)
              for a, b in split_evenly(source.num_blocks, num_spans)]

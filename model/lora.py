@@ -34,6 +34,8 @@ PEFT_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class LoraSpec:
+    """A LoRA adapter's shape: rank, alpha and the projections it targets."""
+
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS

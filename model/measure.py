@@ -64,6 +64,7 @@ def measure_block(config: PretrainedConfig, dtype: torch.dtype, quant: str) -> t
 
 
 def measurement_key(model_id: str, dtype: torch.dtype, quant: str) -> str:
+    """What a cached throughput measurement depends on: host, model, dtype, quantization, threads."""
     cpu = platform.processor() or platform.machine()
     return (f"host={platform.node()}|cpu={cpu}|model={model_id}|dtype={str(dtype).removeprefix('torch.')}"
             f"|quant={quant}|threads={torch.get_num_threads()}")
@@ -110,10 +111,12 @@ def available_memory() -> int:
 
 
 def default_budget() -> int:
+    """Bytes a server takes without --max-memory: a share of what is free."""
     return int(MEMORY_SHARE * available_memory())
 
 
 def block_bytes(config: PretrainedConfig, quant: str, dtype: torch.dtype) -> float:
+    """Bytes of one block's weights at this dtype and quantization."""
     linear, other = block_params(config)
     return bytes_per_block(linear, other, quant, dtype)
 

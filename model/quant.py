@@ -26,6 +26,7 @@ INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold: activations above it go thro
 
 
 def check_quant(mode: str) -> str:
+    """The --quant value if known, else a BadRequest naming the choices."""
     if mode not in QUANT_MODES:
         raise BadRequest(f"unknown quantization {mode!r}", hint=f"one of {', '.join(QUANT_MODES)}")
     return mode

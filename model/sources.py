@@ -78,6 +78,7 @@ class ModelSource:
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
+    """Where mesh keeps converted models and measurements ($MESH_CACHE or ~/.cache/mesh)."""
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("MESH_CACHE", Path.home() / ".cache" / "mesh"))

@@ -61,6 +61,8 @@ class SpanCache:
 
 
 class SpanGrads(NamedTuple):
+    """What a span's backward returns: the input's gradient, and those of prompts and LoRA tensors."""
+
     hidden: torch.Tensor
     prompts: torch.Tensor | None
     lora: list[torch.Tensor] | None  # in LoraWeights.tensors() order
@@ -197,6 +199,7 @@ class Span(nn.Module):
 
 
 def check_range(config: PretrainedConfig, start: int, end: int) -> None:
+    """Refuse blocks outside the model."""
     n = config.num_hidden_layers
     if not 0 <= start < end <= n:
         raise SpanOutOfRange(f"blocks {start}:{end} are outside the model's 0:{n}")

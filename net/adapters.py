@@ -28,6 +28,8 @@ MAX_KEY = 200
 
 @dataclass
 class LoraRef:
+    """An adapter as a request names it: a key, and its weights the first time a server sees them."""
+
     key: str
     spec: LoraSpec | None  # None for an adapter hosted by the server, named by `key`
     tensors: list[torch.Tensor] | None  # None: the server should hold it already
@@ -49,6 +51,8 @@ class LoraRef:
 
 
 class AdapterCache:
+    """A server's adapters: hosted ones by name, and clients' recent ones by key (bounded)."""
+
     def __init__(self, hosted: dict[str, LoraWeights] | None = None, capacity: int = CACHE_SIZE) -> None:
         self.hosted = dict(hosted or {})
         self.capacity = capacity
@@ -78,6 +82,7 @@ class AdapterCache:
 
 
 def weights_hash(weights: LoraWeights) -> str:
+    """A short digest of LoRA weights: new weights, new key, so servers never use stale ones."""
     digest = hashlib.sha1()
     for t in weights.tensors():
         digest.update(t.detach().to(torch.float32).numpy().tobytes())

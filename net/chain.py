@@ -38,10 +38,14 @@ REPLAY_CHUNK = 512  # tokens per replayed step
 
 
 class RouteUnavailable(MeshError):
+    """No chain covers the blocks (after waiting, or after too many failures)."""
+
     code = "unavailable"
 
 
 class OpenFailed(MeshError):
+    """A server refused or failed to open a session; routing goes around it."""
+
     code = "unavailable"
 
     def __init__(self, peer_id: str, message: str) -> None:
@@ -164,6 +168,7 @@ class HopLink:
 
 
 async def close_quietly(stack: AsyncExitStack) -> None:
+    """Close a session's stack whose server may be gone, within a deadline, shielded."""
     with trio.CancelScope(shield=True), trio.move_on_after(3):
         try:
             await stack.aclose()

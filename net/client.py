@@ -88,6 +88,7 @@ class RemoteSession:
 async def open_session(node: Node, server: ServerInfo, start: int, end: int, max_length: int,
                        batch_size: int = 1, *, compression: str = "none", next_hop: NextHop | None = None,
                        lora: ClientLora | None = None, timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
+    """An inference session on one server for blocks [start, end), closed on exit."""
     node.remember(server.peer_id, server.addrs)
     opened = OpenSession(secrets.token_hex(8), start, end, max_length, batch_size, compression, next_hop,
                          lora=lora.ref(start, end, with_weights=True) if lora is not None else None)
@@ -164,6 +165,7 @@ async def _call_with_lora(node: Node, peer_id: str, name: str, request, lora: Cl
 
 
 async def server_info(node: Node, peer_id: str, timeout: float = 10.0) -> InfoReply:
+    """A server's announcement as it sees it now, its counters, and its sessions' cache lengths."""
     return await _call(node, peer_id, "info", InfoRequest(), "none", timeout, InfoReply)
 
 

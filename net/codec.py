@@ -36,6 +36,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def check_compression(name: str) -> str:
+    """The compression name if known, else a BadRequest naming the choices."""
     if name not in COMPRESSIONS:
         raise BadRequest(f"unknown compression {name!r}", hint=f"one of {', '.join(COMPRESSIONS)}")
     return name
@@ -55,6 +56,7 @@ def _from_raw(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
 
 
 def encode_tensor(t: torch.Tensor, compression: str = "none") -> dict:
+    """A tensor as the wire dict, compressed as asked (floating tensors only)."""
     check_compression(compression)
     if t.dtype not in _NAMES:
         raise BadRequest(f"cannot send tensors of dtype {t.dtype}")
@@ -154,4 +156,5 @@ def _sized(data: object, size: int, name: str) -> bytes:
 
 
 def wire_size(d: dict) -> int:
+    """Bytes a tensor takes on the wire with this compression."""
     return sum(len(v) for k, v in d.items() if isinstance(v, bytes))

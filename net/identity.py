@@ -26,6 +26,8 @@ DEFAULT_SLOTS = 16  # default identities one machine can run at once
 
 
 class IdentityInUse(MeshError):
+    """Another running process holds this identity file: two nodes must not share a peer id."""
+
     code = "identity_in_use"
 
 
@@ -44,6 +46,7 @@ class Identity:
 
 
 def default_identity_path() -> Path:
+    """The key file a server uses without --identity ($MESH_HOME or ~/.config/mesh)."""
     home = Path(os.environ.get("MESH_HOME", Path.home() / ".config" / "mesh"))
     return home / "identity.key"
 

@@ -246,6 +246,7 @@ class InferenceSession:
 
 @asynccontextmanager
 async def open_inference_session(cfg: ChainConfig) -> AsyncIterator[InferenceSession]:
+    """An inference session through the swarm, open for the block's duration."""
     async with trio.open_nursery() as nursery:
         session = InferenceSession(cfg, nursery)
         try:

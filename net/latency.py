@@ -19,6 +19,8 @@ FAILED_RTT = 10.0  # what an unanswered ping counts as (seconds)
 
 
 class RttTracker:
+    """Round-trip times to peers, smoothed, measured with our own ping protocol."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
         self.rtt: dict[str, float] = {}

@@ -28,6 +28,8 @@ _TYPES: dict[str, type["Message"]] = {}
 
 @dataclass
 class Message:
+    """A protocol message: a dataclass that turns into a typed, versioned frame and back."""
+
     TYPE: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -125,11 +127,15 @@ _SCALARS = {"int": int, "str": str, "float": (int, float), "bool": bool, "dict":
 
 @dataclass
 class Ping(Message):
+    """A round-trip probe (one stream carries many)."""
+
     nonce: int
 
 
 @dataclass
 class Pong(Message):
+    """The answer to a Ping, same nonce."""
+
     nonce: int
 
 
@@ -142,27 +148,37 @@ class Probe(Message):
 
 @dataclass
 class ProbeReply(Message):
+    """The bytes a link probe asked for."""
+
     payload: bytes
 
 
 @dataclass
 class SnapshotRequest(Message):
+    """Ask a peer for its swarm table (a newcomer's first view)."""
+
     model_id: str = ""  # empty: every model the peer knows
 
 
 @dataclass
 class Snapshot(Message):
+    """A peer's swarm table: announcements and how long ago each was heard."""
+
     servers: list = field(default_factory=list)  # ServerInfo wire dicts
     ages: list = field(default_factory=list)  # seconds since the sender last heard each one
 
 
 @dataclass
 class InfoRequest(Message):
+    """Ask a server about itself."""
+
     pass
 
 
 @dataclass
 class InfoReply(Message):
+    """A server's announcement, counters, and the cache length of each open session."""
+
     info: dict
     counters: dict = field(default_factory=dict)
     session_lengths: list = field(default_factory=list)  # tokens in each open session's cache, ascending
@@ -173,6 +189,8 @@ class InfoReply(Message):
 
 @dataclass
 class OpenSession(Message):
+    """Open an inference session on a server's blocks [start, end)."""
+
     session_id: str
     start: int
     end: int
@@ -186,12 +204,16 @@ class OpenSession(Message):
 
 @dataclass
 class SessionOpened(Message):
+    """The server took the session (its cache is reserved)."""
+
     session_id: str
     max_length: int
 
 
 @dataclass
 class Step(Message):
+    """New tokens' hidden states for a session, at the position the caches should hold."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
     step_id: int
     position: int  # the cache length this step expects
@@ -205,6 +227,8 @@ class Step(Message):
 
 @dataclass
 class StepResult(Message):
+    """The last server's output for a step."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
     step_id: int
     position: int
@@ -213,6 +237,8 @@ class StepResult(Message):
 
 @dataclass
 class HistoryRequest(Message):
+    """Ask for the outputs a server kept for positions [0, before)."""
+
     before: int  # positions [0, before) of what this session pushed
 
 
@@ -228,12 +254,16 @@ class History(Message):
 
 @dataclass
 class Relink(Message):
+    """Change where a session pushes its outputs (failover)."""
+
     next: NextHop | None = None
     NEXT_HOPS: ClassVar[tuple[str, ...]] = ("next",)
 
 
 @dataclass
 class CloseSession(Message):
+    """The client is done: free the session's cache."""
+
     pass
 
 
@@ -242,6 +272,8 @@ class CloseSession(Message):
 
 @dataclass
 class ForwardRequest(Message):
+    """A training forward pass over blocks [start, end) (no session, no cache)."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
     start: int
     end: int
@@ -256,12 +288,16 @@ class ForwardRequest(Message):
 
 @dataclass
 class ForwardReply(Message):
+    """A training forward pass's output."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
     hidden: torch.Tensor
 
 
 @dataclass
 class BackwardRequest(Message):
+    """A training backward pass: the forward's input and the output's gradient."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "grad_output", "position_ids", "attention_mask", "prompts")
     start: int
     end: int
@@ -277,6 +313,8 @@ class BackwardRequest(Message):
 
 @dataclass
 class BackwardReply(Message):
+    """Gradients of a backward pass: the input's, the prompts', the LoRA tensors'."""
+
     TENSORS: ClassVar[tuple[str, ...]] = ("grad_input", "grad_prompts")
     grad_input: torch.Tensor
     grad_prompts: torch.Tensor | None = None

@@ -66,11 +66,15 @@ Handler = Callable[["trio.abc.Stream"], Awaitable[None]]
 
 
 class PeerUnavailable(MeshError):
+    """A peer cannot be reached, or its stream broke: route around it."""
+
     code = "unavailable"
 
 
 @dataclass
 class NodeConfig:
+    """How a node joins: where it listens, whom it dials first, its identity, its services."""
+
     listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
     initial_peers: list[str] = field(default_factory=list)
     identity_path: Path | None = None  # None: a fresh identity for this run (clients)
@@ -83,11 +87,13 @@ class NodeConfig:
 
 
 def env_initial_peers() -> list[str]:
+    """Initial peers from $MESH_INITIAL_PEERS (whitespace or comma separated)."""
     raw = os.environ.get(ENV_INITIAL_PEERS, "")
     return [p for p in raw.replace(",", " ").split() if p]
 
 
 def parse_peer_addr(addr: str) -> PeerInfo:
+    """A multiaddr ending in /p2p/<peer id> as libp2p's PeerInfo, or a MeshError saying what is expected."""
     try:
         return info_from_p2p_addr(multiaddr.Multiaddr(addr))
     except Exception as e:

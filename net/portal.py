@@ -25,6 +25,8 @@ log = logging.getLogger("mesh.client")
 
 
 class SwarmClient:
+    """A client node in a trio thread of its own, for synchronous callers (the API, the CLI)."""
+
     def __init__(self, config: NodeConfig, start_timeout: float = 60.0) -> None:
         self.config = config
         self.node: Node | None = None

@@ -60,6 +60,7 @@ RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_con
 
 
 def is_circuit(addr: str) -> bool:
+    """Whether a multiaddr goes through a relay (/p2p-circuit)."""
     return CIRCUIT in addr
 
 
@@ -83,6 +84,7 @@ def split_circuit(addr: str) -> tuple[str, str]:
 
 
 def is_relayed(conn) -> bool:
+    """Whether a libp2p connection runs through a relay."""
     try:
         return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
     except Exception:
@@ -90,6 +92,8 @@ def is_relayed(conn) -> bool:
 
 
 class RelayRefused(Exception):
+    """A relay answered a reservation or a connect with an error status."""
+
     pass
 
 
@@ -136,15 +140,20 @@ async def reserve(host, relay_id: ID) -> float:
 
 @dataclass
 class DialBack(Message):
+    """Ask a peer to dial us back on these ports (are we reachable?)."""
+
     ports: list = field(default_factory=list)
 
 
 @dataclass
 class DialBackReply(Message):
+    """Which of our addresses the peer could dial."""
+
     dialable: list = field(default_factory=list)  # "/ip4/<observed ip>/tcp/<port>" that accepted
 
 
 def serve_dialback(node: RelayHost) -> None:
+    """Answer other nodes' dial-back requests."""
     async def handle(stream) -> None:
         req = DialBack.from_wire(await wire.read_frame(stream, timeout=10))
         remote = stream.muxed_conn.get_remote_address() if not is_relayed(stream.muxed_conn) else None
@@ -165,6 +174,7 @@ def serve_dialback(node: RelayHost) -> None:
 
 
 def listen_ports(node: RelayHost) -> list[int]:
+    """The TCP ports this node listens on (what a dial-back should try)."""
     ports = set()
     for a in node.host.get_addrs():
         try:
@@ -202,6 +212,8 @@ async def check_dialable(node: RelayHost, peers: list[str]) -> tuple[bool | None
 
 @dataclass
 class RelayState:
+    """The relay slot held now: which relay, our addresses through it, when it expires."""
+
     relay_id: str = ""
     addrs: list[str] = field(default_factory=list)  # our circuit addresses through it
     expire: float = 0.0  # unix time, as the relay set it

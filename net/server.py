@@ -82,6 +82,8 @@ class ServerConfig:
 
 @dataclass
 class TrainingCounters:
+    """Training calls a server answered (reported by `info`)."""
+
     forwards: int = 0
     backwards: int = 0
 
@@ -165,6 +167,7 @@ def assemble_span(old: Span | None, src: ModelSource, start: int, end: int, conf
 
 
 def placed(infos: list[ServerInfo]) -> list[Placed]:
+    """Routing's and placement's view of servers: where each is and its throughput."""
     return [Placed(i.peer_id, i.start, i.end, i.throughput) for i in infos]
 
 

@@ -47,6 +47,8 @@ StepFn = Callable[[Span, SpanCache, Step], Awaitable[torch.Tensor]]
 
 @dataclass
 class SessionCounters:
+    """What a server's sessions did, for `info` and `mesh status`."""
+
     sessions_opened: int = 0
     sessions_open: int = 0
     steps_from_clients: int = 0

@@ -38,6 +38,8 @@ log = logging.getLogger("mesh.swarm")
 
 
 class ServerState(enum.IntEnum):
+    """A server's lifecycle as announced: clients route only to ONLINE servers."""
+
     OFFLINE = 0
     JOINING = 1
     DRAINING = 2
@@ -46,6 +48,8 @@ class ServerState(enum.IntEnum):
 
 @dataclass
 class ServerInfo:
+    """A server's announcement: its blocks, state, throughput, addresses and what it runs."""
+
     peer_id: str
     model_id: str
     start: int
@@ -94,10 +98,12 @@ class ServerInfo:
 
 
 def topic(model_id: str) -> str:
+    """The gossip topic of a model's announcements."""
     return f"mesh/{model_id}/servers"
 
 
 def provider_key(model_id: str) -> str:
+    """The DHT key under which a model's servers are found."""
     return f"mesh-model-{model_id}"
 
 
@@ -353,6 +359,7 @@ def _signed_by_announcer(forwarder: ID, msg) -> bool:
 
 @asynccontextmanager
 async def open_swarm(node: Node, follow: list[str] = ()) -> AsyncIterator[Swarm]:
+    """The swarm view of a node (gossip, snapshots, DHT), for the block's duration."""
     swarm = Swarm(node, SwarmTable())
     swarm.serve_snapshots()
     for model_id in follow:
@@ -361,6 +368,7 @@ async def open_swarm(node: Node, follow: list[str] = ()) -> AsyncIterator[Swarm]
 
 
 def coverage_summary(counts: list[int]) -> str:
+    """One line on coverage: every block served (and the fewest servers of any), or which are missing."""
     missing = [i for i, c in enumerate(counts) if c == 0]
     if not missing:
         return f"all {len(counts)} blocks covered (min {min(counts)} servers per block)"
@@ -368,6 +376,7 @@ def coverage_summary(counts: list[int]) -> str:
 
 
 def block_ranges(blocks: list[int]) -> str:
+    """Sorted block indices as compact ranges ('0:3, 7')."""
     out, start = [], None
     for i, b in enumerate(blocks):
         if start is None:

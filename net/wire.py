@@ -28,6 +28,8 @@ _LENGTH = struct.Struct(">I")
 
 
 class ByteStream(Protocol):
+    """What the framing needs of a stream: read, write, close (libp2p streams, or trio's in tests)."""
+
     async def read(self, n: int | None = None) -> bytes: ...
     async def write(self, data: bytes) -> None: ...
 
@@ -54,34 +56,50 @@ def protocol_id(name: str, version: str = PROTOCOL_VERSION) -> str:
 
 
 class WireError(MeshError):
+    """A frame could not be read or written."""
+
     code = "wire"
 
 
 class FrameTooLarge(WireError):
+    """A frame over the size limit (checked before allocating)."""
+
     code = "too_large"
 
 
 class FrameTimeout(WireError):
+    """A frame did not arrive in time."""
+
     code = "timeout"
 
 
 class MalformedFrame(WireError):
+    """Bytes that are not a frame of this protocol."""
+
     code = "bad_request"
 
 
 class StreamClosed(WireError):
+    """The stream ended (the peer closed or died)."""
+
     code = "closed"
 
 
 class UnknownVersion(WireError):
+    """A frame of a protocol version this node does not speak."""
+
     code = "unknown_version"
 
 
 class Busy(MeshError):
+    """The server has no room (cache budget): try another."""
+
     code = "busy"
 
 
 class Unavailable(MeshError):
+    """The server cannot serve now (loading, draining, a failed push): reroute."""
+
     code = "unavailable"
 
 
@@ -117,6 +135,7 @@ assert SpanOutOfRange.code in ERRORS
 
 
 async def read_exact(stream: ByteStream, n: int) -> bytes:
+    """Exactly n bytes from the stream, or StreamClosed."""
     buf = bytearray()
     while len(buf) < n:
         try:
@@ -140,6 +159,7 @@ def _is_stream_failure(e: Exception) -> bool:
 
 
 def pack(obj: Any) -> bytes:
+    """A message as one frame's bytes (length prefix and msgpack)."""
     payload = msgpack.packb(obj, use_bin_type=True)
     return _LENGTH.pack(len(payload)) + payload
 
@@ -207,6 +227,7 @@ async def close_quietly(stream) -> None:
 
 
 async def reset_quietly(stream) -> None:
+    """Reset a stream whose peer may already be gone."""
     try:
         await stream.reset()
     except Exception:
