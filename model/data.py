@@ -25,7 +25,7 @@ MAX_REPORTED = 10
 
 
 class DataError(BadRequest):
-    """A row of a fine-tuning file that cannot be used, with its line number."""
+    """A fine-tuning file that cannot be used as it is: unreadable, or bad rows (named by line)."""
 
     code = "bad_request"
 
