@@ -114,8 +114,8 @@ class HopLink:
     def as_next_hop(self) -> NextHop:
         return self.session.as_next_hop()
 
-    async def send(self, step: Step, compression: str, timeout: float) -> None:
-        await wire.write_frame(self.session.stream, step.to_wire(compression), timeout=timeout)
+    async def send(self, step: Step, timeout: float) -> None:
+        await self.session.send(step, timeout)
 
     async def history(self, before: int, timeout: float = 30.0) -> History:
         """The outputs this hop kept for positions [0, before): the next hop's inputs."""
@@ -274,7 +274,7 @@ class ChainOpener:
             step = Step(self.step_id(), a, history.hidden[:, a:b], history.position_ids[:, a:b],
                         history.attention_mask[:, a:b], want_output=False)
             timeout = self.deadline(new, b - a) * (1 + len(new))
-            await new[0].send(step, self.cfg.compression, timeout)
+            await new[0].send(step, timeout)
             frame = wire.raise_if_error(await wire.read_frame(tail, timeout=timeout))
             StepResult.from_wire(frame)
 

@@ -22,8 +22,7 @@ from mesh.net.wire import short_id
 from mesh.net.adapters import ClientLora
 from mesh.net.codec import decode_tensor
 from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
-                               InfoReply, InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step,
-                               StepResult)
+                               InfoReply, InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step)
 from mesh.net.node import Node, PeerUnavailable
 from mesh.net.swarm import ServerInfo
 
@@ -42,8 +41,6 @@ class RemoteSession:
         self.server = server
         self.stream = stream
         self.opened = opened
-        self.position = 0  # tokens the server's cache holds for us
-        self._step_ids = 0
 
     @property
     def session_id(self) -> str:
@@ -57,21 +54,9 @@ class RemoteSession:
         """This session as the push target of the server before it."""
         return NextHop(self.server.peer_id, tuple(self.server.addrs), self.session_id)
 
-    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, *, position: int | None = None,
-                   prompts: torch.Tensor | None = None, timeout: float = STEP_TIMEOUT) -> torch.Tensor:
-        """Send new tokens' hidden states; `position` (default: what we sent so far) is the expected cache length."""
-        position = self.position if position is None else position
-        self._step_ids += 1
-        msg = Step(self._step_ids, position, hidden, position_ids, attention_mask, prompts)
-        try:
-            await wire.write_frame(self.stream, msg.to_wire(self.opened.compression), timeout=timeout)
-            frame = await wire.read_frame(self.stream, timeout=timeout)
-        except wire.StreamClosed as e:
-            raise PeerUnavailable(f"server {short_id(self.peer_id)} dropped the session", hint="reroute") from e
-        result = StepResult.from_wire(wire.raise_if_error(frame))
-        self.position = position + hidden.shape[1]
-        return result.hidden
+    async def send(self, step: Step, timeout: float = STEP_TIMEOUT) -> None:
+        """Send a step; only the chain's last server answers it (see `net/chain.py`)."""
+        await wire.write_frame(self.stream, step.to_wire(self.opened.compression), timeout=timeout)
 
     async def relink(self, next_hop: NextHop | None) -> None:
         await wire.write_frame(self.stream, Relink(next_hop).to_wire())

@@ -128,7 +128,7 @@ class InferenceSession:
         timeout = self._deadline(self.hops, msg.hidden.shape[1])
         try:
             try:
-                await self.hops[0].send(step, self.cfg.compression, timeout)
+                await self.hops[0].send(step, timeout)
             except wire.WireError as e:
                 raise HopFailed(0, f"cannot send: {e}") from e
             with trio.move_on_after(timeout):

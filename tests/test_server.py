@@ -13,8 +13,8 @@ from mesh.model.errors import BadRequest, MaxLengthExceeded
 from mesh.model.span import load_span
 from mesh.net import wire
 from mesh.net.client import open_session, ping, remote_backward, remote_forward, server_info
-from mesh.net.messages import ForwardRequest
-from mesh.net.node import NodeConfig, PeerUnavailable, open_node
+from mesh.net.messages import ForwardRequest, Step, StepResult
+from mesh.net.node import NodeConfig, open_node
 from mesh.net.server import ServerConfig, run_server
 from mesh.net.swarm import open_swarm
 
@@ -40,6 +40,13 @@ def inputs(batch=2, length=9, hidden=64, seed=0):
     return torch.randn(batch, length, hidden, generator=g), torch.arange(length).expand(batch, length)
 
 
+async def step(session, hidden, position_ids, position: int, timeout: float = 60.0) -> torch.Tensor:
+    """One step of a one-hop session (its server is the chain's last, so it answers): the output."""
+    await session.send(Step(1, position, hidden, position_ids), timeout)
+    frame = await wire.read_frame(session.stream, timeout=timeout)
+    return StepResult.from_wire(wire.raise_if_error(frame)).hidden
+
+
 async def test_forward_backward_and_session_equal_local_span(tiny_dirs):
     folder = tiny_dirs["llama"]
     async with server_and_client(folder) as (server, client, info):
@@ -55,11 +62,11 @@ async def test_forward_backward_and_session_equal_local_span(tiny_dirs):
             for t in range(4):  # prefill then single-token steps
                 chunk = slice(0, 6) if t == 0 else slice(5 + t, 6 + t)
                 xs, ps = inputs(length=12)
-                got = await session.step(xs[:, chunk], ps[:, chunk])
+                got = await step(session, xs[:, chunk], ps[:, chunk], cache.length)
                 assert torch.equal(got, sub(xs[:, chunk], ps[:, chunk], cache))
             # a re-sent step (same position) rolls the server back: still exact
             cache.rollback(8)
-            got = await session.step(xs[:, 8:9], ps[:, 8:9], position=8)
+            got = await step(session, xs[:, 8:9], ps[:, 8:9], 8)
             assert torch.equal(got, sub(xs[:, 8:9], ps[:, 8:9], cache))
         assert (await ping(client, info.peer_id)) < 0.5
         counters = (await server_info(client, info.peer_id)).counters
@@ -71,8 +78,8 @@ async def test_two_sessions_budget_and_idle_timeout(tiny_dirs):
         x, pos = inputs(batch=1, length=4)
         async with open_session(client, info, 1, 5, max_length=50) as s1, \
                 open_session(client, info, 1, 5, max_length=50) as s2:
-            a = await s1.step(x, pos)
-            b = await s2.step(x * 2, pos)
+            a = await step(s1, x, pos, 0)
+            b = await step(s2, x * 2, pos, 0)
             assert not torch.equal(a, b)
             assert server.sessions.budget.used == 100
             with pytest.raises(wire.Busy):
@@ -80,10 +87,10 @@ async def test_two_sessions_budget_and_idle_timeout(tiny_dirs):
                     pass
         # both closed: the budget is free again
         async with open_session(client, info, 1, 5, max_length=100) as s3:
-            await s3.step(x, pos)
+            await step(s3, x, pos, 0)
             await trio.sleep(2.0)  # idle longer than the timeout: the server closes the session
-            with pytest.raises(PeerUnavailable):
-                await s3.step(x[:, :1], pos[:, :1] + 4, timeout=5)
+            with pytest.raises(wire.StreamClosed):
+                await step(s3, x[:, :1], pos[:, :1] + 4, 4, timeout=5)
         assert server.sessions.budget.used == 0
 
 
@@ -118,10 +125,10 @@ async def test_bad_requests_get_errors_and_the_server_goes_on(tiny_dirs):
             await remote_forward(client, info, 0, 5, x, pos)
         async with open_session(client, info, 1, 5, max_length=10, batch_size=2) as session:
             with pytest.raises(MaxLengthExceeded):
-                await session.step(*inputs(length=11))
+                await step(session, *inputs(length=11), 0)
             with pytest.raises(BadRequest, match="expects 5 cached tokens"):
-                await session.step(x[:, :1], pos[:, :1], position=5)
-            out = await session.step(x[:, :3], pos[:, :3], position=0)  # the session still works
+                await step(session, x[:, :1], pos[:, :1], 5)
+            out = await step(session, x[:, :3], pos[:, :3], 0)  # the session still works
             assert out.shape == (2, 3, 64)
         with pytest.raises(BadRequest):
             async with open_session(client, info, 1, 5, max_length=10, batch_size=0):
