@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.balancing.placement import (MIN_GAIN, Placed, block_throughputs, choose_span, plan_move,
-                                      reacts, replace_all)
-from mesh.balancing.routing import Candidate, NoRoute, min_latency_chain
-from mesh.balancing.throughput import Measurement, server_throughput
+from .placement import (MIN_GAIN, Placed, block_throughputs, choose_span, plan_move,
+                        reacts, replace_all)
+from .routing import Candidate, NoRoute, min_latency_chain
+from .throughput import Measurement, server_throughput
 
 __all__ = ["SimConfig", "Arrival", "SimResult", "draw_arrivals", "upper_bound", "routed_throughput", "simulate"]
 

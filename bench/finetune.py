@@ -26,7 +26,7 @@ from mesh.model.head import head_from_model
 from mesh.model.lora import LoraSpec
 from mesh.model.sources import resolve_model
 from mesh.model.span import span_from_model
-from mesh.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
+from mesh.api.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
 
 BATCH, TOKENS = 4, 64
 

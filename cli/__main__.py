@@ -1,3 +1,3 @@
-from mesh.cli.main import app
+from .main import app
 
 app(prog_name="mesh")

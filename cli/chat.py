@@ -6,8 +6,8 @@ import time
 
 import typer
 
-from mesh.cli.common import draft_option, initial_peers_option, speculate_option
-from mesh.cli.output import one_line_errors, setup_logging, stderr, write
+from .common import draft_option, initial_peers_option, speculate_option
+from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["Conversation", "chat"]
 
@@ -33,7 +33,7 @@ class Conversation:
         """Answer `text`; returns (answer, tokens, seconds). Ctrl-C stops the answer, keeping what was said."""
         import torch
 
-        from mesh.model.chat import TextStream, encode_messages
+        from ..model.chat import TextStream, encode_messages
 
         tokenizer = self.model.tokenizer
         self.messages.append({"role": "user", "content": text})
@@ -61,7 +61,7 @@ class Conversation:
 
 
 def _too_long(max_length: int):
-    from mesh.model.errors import MaxLengthExceeded
+    from ..model.errors import MaxLengthExceeded
 
     return MaxLengthExceeded(f"the conversation would exceed {max_length} tokens", hint="type /reset")
 
@@ -90,12 +90,12 @@ def chat(
     """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
     import torch
 
-    from mesh import DistributedModelForCausalLM
-    from mesh.model.chat import has_chat_template
-    from mesh.model.errors import MeshError
-    from mesh.net.codec import check_compression
+    from .. import DistributedModelForCausalLM
+    from ..model.chat import has_chat_template
+    from ..model.errors import MeshError
+    from ..net.codec import check_compression
 
-    from mesh.model.speculative import parse_speculate
+    from ..model.speculative import parse_speculate
 
     setup_logging(verbose)
     check_compression(compression)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from mesh.net.identity import default_identity_path
-from mesh.net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
+from ..net.identity import default_identity_path
+from ..net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 
 __all__ = ["initial_peers_option", "speculate_option", "draft_option", "node_config"]
 

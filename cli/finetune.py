@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from mesh.cli.common import initial_peers_option
-from mesh.cli.output import one_line_errors, setup_logging, stderr, write
+from .common import initial_peers_option
+from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["finetune"]
 
@@ -45,8 +45,8 @@ def finetune(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from mesh.finetune import FinetuneConfig, run_finetune
-    from mesh.net.node import env_initial_peers
+    from ..api.finetune import FinetuneConfig, run_finetune
+    from ..net.node import env_initial_peers
 
     setup_logging(verbose)
     cfg = FinetuneConfig(data=data, model=model, method=method, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -6,8 +6,8 @@ import time
 
 import typer
 
-from mesh.cli.common import draft_option, initial_peers_option, speculate_option
-from mesh.cli.output import one_line_errors, parse_dtype, stderr, write
+from .common import draft_option, initial_peers_option, speculate_option
+from .output import one_line_errors, parse_dtype, stderr, write
 
 __all__ = ["generate"]
 
@@ -35,12 +35,12 @@ def generate(
     """Generate a completion for one prompt, through the swarm (or every block here with --local)."""
     import torch
 
-    from mesh.model.chat import TextStream, encode_messages, encode_text, has_chat_template
-    from mesh.model.generation import Generator, LocalSpans, SamplingConfig
-    from mesh.model.head import load_tokenizer
-    from mesh.model.local import load_local
-    from mesh.model.sources import resolve_model
-    from mesh.model.speculative import load_draft, new_speculator, parse_speculate
+    from ..model.chat import TextStream, encode_messages, encode_text, has_chat_template
+    from ..model.generation import Generator, LocalSpans, SamplingConfig
+    from ..model.head import load_tokenizer
+    from ..model.local import load_local
+    from ..model.sources import resolve_model
+    from ..model.speculative import load_draft, new_speculator, parse_speculate
 
     torch_dtype = parse_dtype(dtype)
     mode = parse_speculate(speculate)
@@ -51,7 +51,7 @@ def generate(
         with stderr().status(f"loading {source.name} ({source.num_blocks} blocks in {spans} spans)"):
             head, span_list = load_local(source, torch_dtype, spans)
     else:
-        from mesh import DistributedModelForCausalLM
+        from .. import DistributedModelForCausalLM
 
         with stderr().status(f"joining the swarm for {model}"):
             lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, dtype=torch_dtype,

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh.model.errors import MeshError
-from mesh.model.local import split_evenly
+from ..model.errors import MeshError
+from ..model.local import split_evenly
 
 __all__ = ["LISTENING", "LocalSwarm"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from mesh.cli.chat import chat
-from mesh.cli.finetune import finetune
-from mesh.cli.generate import generate
-from mesh.cli.serve import serve
-from mesh.cli.status import status
+from .chat import chat
+from .finetune import finetune
+from .generate import generate
+from .serve import serve
+from .status import status
 
 __all__ = ["version", "demo"]
 
@@ -25,7 +25,7 @@ app.command()(finetune)
 @app.command()
 def version() -> None:
     """Print the mesh version."""
-    from mesh import __version__
+    from .. import __version__
 
     typer.echo(__version__)
 
@@ -37,9 +37,9 @@ def demo(
     servers: int = typer.Option(3, min=1, max=10, help="How many server processes to start."),
 ) -> None:
     """Start a swarm of SmolLM2-135M-Instruct servers on this machine, answer a prompt through it, stop it."""
-    from mesh.cli.localswarm import LocalSwarm
-    from mesh.cli.output import one_line_errors, stderr
-    from mesh.model.sources import resolve_model
+    from .localswarm import LocalSwarm
+    from .output import one_line_errors, stderr
+    from ..model.sources import resolve_model
 
     @one_line_errors
     def run() -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from mesh.model.errors import MeshError
+from ..model.errors import MeshError
 
 __all__ = ["stderr", "one_line_errors", "setup_logging", "parse_dtype", "write"]
 

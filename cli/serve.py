@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from mesh.cli.common import initial_peers_option, node_config
-from mesh.cli.output import one_line_errors, parse_dtype, setup_logging, write
-from mesh.net import defaults
+from .common import initial_peers_option, node_config
+from .output import one_line_errors, parse_dtype, setup_logging, write
+from ..net import defaults
 
 __all__ = ["serve"]
 
@@ -61,8 +61,8 @@ def serve(
     """
     import trio
 
-    from mesh.model.quant import check_quant
-    from mesh.net.server import ServerConfig, run_server
+    from ..model.quant import check_quant
+    from ..net.server import ServerConfig, run_server
 
     setup_logging(verbose)
     if threads:

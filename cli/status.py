@@ -6,8 +6,8 @@ import json
 
 import typer
 
-from mesh.cli.common import initial_peers_option, node_config
-from mesh.cli.output import one_line_errors, setup_logging, stderr, write
+from .common import initial_peers_option, node_config
+from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["status", "block_runs"]
 
@@ -27,10 +27,10 @@ def status(
     """
     import trio
 
-    from mesh.model.errors import MeshError
-    from mesh.net.client import ping  # noqa: F401  (imported before joining: see _collect)
-    from mesh.net.node import open_node
-    from mesh.net.swarm import open_swarm
+    from ..model.errors import MeshError
+    from ..net.client import ping  # noqa: F401  (imported before joining: see _collect)
+    from ..net.node import open_node
+    from ..net.swarm import open_swarm
 
     setup_logging(verbose)
     config = node_config(initial_peers, server=False)
@@ -75,8 +75,8 @@ def status(
 
 
 def _model_id(ref: str) -> str:
-    from mesh.model.errors import MeshError
-    from mesh.model.sources import _slug, resolve_model
+    from ..model.errors import MeshError
+    from ..model.sources import _slug, resolve_model
 
     try:
         return resolve_model(ref, progress=False).model_id
@@ -91,7 +91,7 @@ async def _collect(swarm, model_id: str | None, timeout: float) -> None:
     announcement periods after it was heard, and an import that blocks the event loop for seconds (torch,
     transformers on a loaded machine) once left the table to expire before it was printed.
     """
-    from mesh.net.wire import short_id
+    from ..net.wire import short_id
 
     if model_id is not None:
         await swarm.discover(model_id, timeout=timeout)
@@ -105,7 +105,7 @@ async def _collect(swarm, model_id: str | None, timeout: float) -> None:
 async def _report(swarm, model_id: str | None) -> dict:
     import trio
 
-    from mesh.net.client import ping
+    from ..net.client import ping
 
     servers = swarm.table.all(model_id)
     rtts: dict[str, float | None] = {}
@@ -139,8 +139,8 @@ def _render(report: dict):
     from rich.table import Table
     from rich.text import Text
 
-    from mesh.net.swarm import coverage_summary
-    from mesh.net.wire import short_id
+    from ..net.swarm import coverage_summary
+    from ..net.wire import short_id
 
     parts = []
     if not report.get("models"):

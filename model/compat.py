@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
-from mesh.model.errors import UnsupportedArchitecture
+from .errors import UnsupportedArchitecture
 
 __all__ = ["Family", "family_of", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
            "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]

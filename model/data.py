@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mesh.model.errors import BadRequest
+from .errors import BadRequest
 
 __all__ = ["IGNORE", "DataError", "Example", "Dataset", "parse_row", "load_jsonl", "collate", "epoch_order"]
 

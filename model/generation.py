@@ -21,9 +21,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mesh.model.head import ClientHead, prepend_prefix, token_positions
-from mesh.model.span import Span
-from mesh.model.speculative import Speculator, accept_draft
+from .head import ClientHead, prepend_prefix, token_positions
+from .span import Span
+from .speculative import Speculator, accept_draft
 
 __all__ = ["RunBlocks", "SamplingConfig", "LocalSpans", "Generator"]
 

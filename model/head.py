@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mesh.model import compat
-from mesh.model.sources import ModelSource
-from mesh.model.weights import Checkpoint
+from . import compat
+from .sources import ModelSource
+from .weights import Checkpoint
 
 __all__ = ["ClientHead", "token_positions", "prepend_prefix", "head_from_model", "load_head", "load_tokenizer"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from mesh.model.head import ClientHead, load_head
-from mesh.model.sources import ModelSource
-from mesh.model.span import Span, load_span
+from .head import ClientHead, load_head
+from .sources import ModelSource
+from .span import Span, load_span
 
 __all__ = ["split_evenly", "load_local"]
 

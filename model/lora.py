@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from mesh.model import compat
-from mesh.model.errors import BadRequest
+from . import compat
+from .errors import BadRequest
 
 __all__ = ["DEFAULT_TARGETS", "LoraSpec", "LoraWeights", "target_modules", "init_lora", "applied", "save_peft",
            "load_peft"]

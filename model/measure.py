@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 import torch
 from transformers import PretrainedConfig
 
-from mesh.model import compat
-from mesh.model.quant import bytes_per_block, quantizer
-from mesh.model.span import Span, block_params
+from . import compat
+from .quant import bytes_per_block, quantizer
+from .span import Span, block_params
 
 __all__ = ["measure_block", "measurement_key", "cached", "available_memory", "default_budget", "block_bytes",
            "cache_bytes_per_block", "work_bytes"]

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mesh.model.errors import BadRequest
+from .errors import BadRequest
 
 __all__ = ["check_quant", "quantize_linears", "quantizer", "tensor_bytes", "bytes_per_block"]
 

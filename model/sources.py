@@ -21,8 +21,8 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from mesh.model import compat
-from mesh.model.errors import MeshError, ModelLoadError, ModelNotFound
+from . import compat
+from .errors import MeshError, ModelLoadError, ModelNotFound
 
 __all__ = ["WELL_KNOWN", "ModelSource", "cache_root", "resolve_model"]
 

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from mesh.model import compat
-from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
-from mesh.model.lora import LoraWeights
-from mesh.model.lora import applied as lora_applied
-from mesh.model.weights import Checkpoint, Fetch, read_block
+from . import compat
+from .errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
+from .lora import LoraWeights
+from .lora import applied as lora_applied
+from .weights import Checkpoint, Fetch, read_block
 
 __all__ = ["SpanCache", "SpanGrads", "Graph", "Span", "check_range", "load_span", "span_from_model",
            "block_params"]

@@ -23,8 +23,8 @@ from typing import Protocol
 
 import torch
 
-from mesh.model import compat
-from mesh.model.errors import BadRequest
+from . import compat
+from .errors import BadRequest
 
 __all__ = ["Drafter", "PromptLookup", "DraftModel", "Speculator", "parse_speculate", "accept_draft", "load_draft",
            "new_speculator", "MAX_DRAFT"]
@@ -94,7 +94,7 @@ def load_draft(name: str, vocab_size: int) -> torch.nn.Module:
     target's, token for token, or its drafts would mean other words."""
     from transformers import AutoModelForCausalLM
 
-    from mesh.model.sources import resolve_model
+    from .sources import resolve_model
 
     source = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()

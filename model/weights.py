@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from mesh.model.errors import ModelLoadError
+from .errors import ModelLoadError
 
 __all__ = ["Checkpoint", "find_prefix", "read_block"]
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mesh.model.errors import BadRequest
-from mesh.model.lora import LoraSpec, LoraWeights
-from mesh.net.codec import decode_tensor, encode_tensor
-from mesh.net.wire import AdapterUnknown
+from ..model.errors import BadRequest
+from ..model.lora import LoraSpec, LoraWeights
+from .codec import decode_tensor, encode_tensor
+from .wire import AdapterUnknown
 
 __all__ = ["LoraRef", "AdapterCache", "weights_hash", "ClientLora"]
 

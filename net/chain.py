@@ -18,16 +18,16 @@ from typing import Callable
 
 import trio
 
-from mesh.balancing.routing import Candidate, Hop, NoRoute, min_latency_chain
-from mesh.model.errors import MeshError
-from mesh.net import wire
-from mesh.net.adapters import ClientLora
-from mesh.net.client import RemoteSession, open_session
-from mesh.net.latency import RttTracker
-from mesh.net.messages import History, HistoryRequest, NextHop, Step, StepResult
-from mesh.net.node import Node
-from mesh.net.swarm import ServerInfo, SwarmTable, block_ranges
-from mesh.net.wire import short_id
+from ..balancing.routing import Candidate, Hop, NoRoute, min_latency_chain
+from ..model.errors import MeshError
+from . import wire
+from .adapters import ClientLora
+from .client import RemoteSession, open_session
+from .latency import RttTracker
+from .messages import History, HistoryRequest, NextHop, Step, StepResult
+from .node import Node
+from .swarm import ServerInfo, SwarmTable, block_ranges
+from .wire import short_id
 
 __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "RouteUnavailable", "OpenFailed", "candidates",
            "REPLAY_CHUNK"]

@@ -16,15 +16,15 @@ from typing import AsyncIterator
 import torch
 import trio
 
-from mesh.model.span import SpanGrads
-from mesh.net import wire
-from mesh.net.wire import short_id
-from mesh.net.adapters import ClientLora
-from mesh.net.codec import decode_tensor
-from mesh.net.messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest,
-                               InfoReply, InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step)
-from mesh.net.node import Node, PeerUnavailable
-from mesh.net.swarm import ServerInfo
+from ..model.span import SpanGrads
+from . import wire
+from .wire import short_id
+from .adapters import ClientLora
+from .codec import decode_tensor
+from .messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest, InfoReply,
+                       InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step)
+from .node import Node, PeerUnavailable
+from .swarm import ServerInfo
 
 __all__ = ["RemoteSession", "open_session", "remote_forward", "remote_backward", "server_info", "ping",
            "probe_link"]

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from mesh.model.errors import BadRequest
+from ..model.errors import BadRequest
 
 __all__ = ["COMPRESSIONS", "check_compression", "encode_tensor", "decode_tensor", "wire_size"]
 

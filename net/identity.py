@@ -18,7 +18,7 @@ from typing import IO
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 
-from mesh.model.errors import MeshError
+from ..model.errors import MeshError
 
 __all__ = ["Identity", "IdentityInUse", "default_identity_path", "open_identity"]
 

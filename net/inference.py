@@ -22,16 +22,16 @@ from typing import AsyncIterator
 import torch
 import trio
 
-from mesh.balancing.routing import Hop
-from mesh.model.errors import MeshError
-from mesh.net import wire
-from mesh.net.chain import (BanList, ChainConfig, ChainOpener, HopLink, RouteUnavailable, candidates,
-                            close_quietly)
-from mesh.net.client import ping
-from mesh.net.messages import History, Step, StepResult
-from mesh.net.steplog import concat_steps, trim_steps
-from mesh.net.swarm import ServerInfo, ServerState
-from mesh.net.wire import short_id
+from ..balancing.routing import Hop
+from ..model.errors import MeshError
+from . import wire
+from .chain import (BanList, ChainConfig, ChainOpener, HopLink, RouteUnavailable, candidates,
+                    close_quietly)
+from .client import ping
+from .messages import History, Step, StepResult
+from .steplog import concat_steps, trim_steps
+from .swarm import ServerInfo, ServerState
+from .wire import short_id
 
 log = logging.getLogger("mesh.inference")
 

@@ -6,9 +6,9 @@ import logging
 
 import trio
 
-from mesh.net.client import ping
-from mesh.net.node import Node
-from mesh.net.wire import short_id
+from .client import ping
+from .node import Node
+from .wire import short_id
 
 __all__ = ["RttTracker"]
 

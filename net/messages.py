@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from mesh.model.errors import BadRequest
-from mesh.net.codec import decode_tensor, encode_tensor
-from mesh.net.wire import PROTOCOL_VERSION, UnknownVersion
+from ..model.errors import BadRequest
+from .codec import decode_tensor, encode_tensor
+from .wire import PROTOCOL_VERSION, UnknownVersion
 
 __all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
            "InfoRequest", "InfoReply", "OpenSession", "SessionOpened", "Step", "StepResult", "HistoryRequest",

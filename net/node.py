@@ -43,12 +43,12 @@ from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.tools.anyio_service import background_trio_service
 
-from mesh.model.errors import MeshError
-from mesh.net import relay, wire
-from mesh.net.wire import short_id
-from mesh.net.identity import Identity, open_identity
-from mesh.net.messages import Message
-from mesh.net.ports import claim_ports, port_lock
+from ..model.errors import MeshError
+from . import relay, wire
+from .wire import short_id
+from .identity import Identity, open_identity
+from .messages import Message
+from .ports import claim_ports, port_lock
 
 __all__ = ["DEFAULT_LISTEN", "ENV_INITIAL_PEERS", "MAX_STREAMS_PER_PEER", "PeerUnavailable", "NodeConfig",
            "env_initial_peers", "parse_peer_addr", "Node", "open_node"]

@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from mesh.model.errors import MeshError
-from mesh.net.latency import RttTracker
-from mesh.net.node import Node, NodeConfig, open_node
-from mesh.net.swarm import Swarm, open_swarm
+from ..model.errors import MeshError
+from .latency import RttTracker
+from .node import Node, NodeConfig, open_node
+from .swarm import Swarm, open_swarm
 
 __all__ = ["SwarmClient", "unwrap"]
 

@@ -18,8 +18,8 @@ from typing import AsyncIterator
 
 import trio
 
-from mesh.model.errors import MeshError
-from mesh.net.identity import default_identity_path
+from ..model.errors import MeshError
+from .identity import default_identity_path
 
 __all__ = ["claim_ports", "port_lock"]
 

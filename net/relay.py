@@ -37,9 +37,9 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
-from mesh.net import wire
-from mesh.net.wire import short_id
-from mesh.net.messages import Message
+from . import wire
+from .wire import short_id
+from .messages import Message
 
 __all__ = ["CIRCUIT", "PING_TIMEOUT", "RELAY_LIMITS", "is_circuit", "circuit_addrs", "split_circuit",
            "is_relayed", "RelayRefused", "dial_circuit", "reserve", "DialBack", "DialBackReply",

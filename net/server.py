@@ -17,30 +17,30 @@ from pathlib import Path
 import torch
 import trio
 
-from mesh import __version__
-from mesh.balancing.placement import (MIN_GAIN, MovePlan, Placed, blocks_for_memory, choose_span, plan_move,
-                                      reacts)
-from mesh.balancing.throughput import DEFAULT_BANDWIDTH, Measurement, network_rps, server_throughput
-from mesh.model.errors import BadRequest
-from mesh.model.lora import LoraWeights, load_peft
-from mesh.model.measure import (available_memory, block_bytes, cache_bytes_per_block, cached, default_budget,
-                                measure_block, measurement_key, work_bytes)
-from mesh.model.quant import quantizer
-from mesh.model.sources import ModelSource, cache_root, resolve_model
-from mesh.model.span import Span, load_span
-from mesh.net import defaults, wire
-from mesh.net.client import ping, probe_link
-from mesh.net.adapters import AdapterCache
-from mesh.net.codec import check_compression, encode_tensor
-from mesh.net.messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
-                               InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
-from mesh.net.node import Node, NodeConfig, open_node, parse_peer_addr
-from mesh.net.wire import short_id
-from mesh.net.relay import PING_TIMEOUT, establish_reachability, is_circuit
-from mesh.net.latency import RttTracker
-from mesh.net.lane import ComputeLane
-from mesh.net.sessions import MAX_BATCH, Sessions
-from mesh.net.swarm import ServerInfo, ServerState, Swarm, open_swarm
+from .. import __version__
+from ..balancing.placement import (MIN_GAIN, MovePlan, Placed, blocks_for_memory, choose_span, plan_move,
+                                   reacts)
+from ..balancing.throughput import DEFAULT_BANDWIDTH, Measurement, network_rps, server_throughput
+from ..model.errors import BadRequest
+from ..model.lora import LoraWeights, load_peft
+from ..model.measure import (available_memory, block_bytes, cache_bytes_per_block, cached, default_budget,
+                             measure_block, measurement_key, work_bytes)
+from ..model.quant import quantizer
+from ..model.sources import ModelSource, cache_root, resolve_model
+from ..model.span import Span, load_span
+from . import defaults, wire
+from .client import ping, probe_link
+from .adapters import AdapterCache
+from .codec import check_compression, encode_tensor
+from .messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
+                       InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
+from .node import Node, NodeConfig, open_node, parse_peer_addr
+from .wire import short_id
+from .relay import PING_TIMEOUT, establish_reachability, is_circuit
+from .latency import RttTracker
+from .lane import ComputeLane
+from .sessions import MAX_BATCH, Sessions
+from .swarm import ServerInfo, ServerState, Swarm, open_swarm
 
 __all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit", "measure_link",
            "measure_throughput", "assemble_span", "placed", "KeptGraphs", "Server", "relay_candidates",

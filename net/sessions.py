@@ -23,18 +23,18 @@ from typing import Awaitable, Callable
 import torch
 import trio
 
-from mesh.model.errors import BadRequest, MeshError
-from mesh.model.lora import LoraWeights
-from mesh.model.span import Span, SpanCache
-from mesh.net import wire
-from mesh.net.codec import check_compression
-from mesh.net.lane import ComputeLane
-from mesh.net.messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Relink,
-                               SessionOpened, Step, StepResult)
-from mesh.net.node import Node, PeerUnavailable
-from mesh.net.wire import short_id
-from mesh.net.relay import is_relayed
-from mesh.net.steplog import concat_steps, trim_steps
+from ..model.errors import BadRequest, MeshError
+from ..model.lora import LoraWeights
+from ..model.span import Span, SpanCache
+from . import wire
+from .codec import check_compression
+from .lane import ComputeLane
+from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Relink,
+                       SessionOpened, Step, StepResult)
+from .node import Node, PeerUnavailable
+from .wire import short_id
+from .relay import is_relayed
+from .steplog import concat_steps, trim_steps
 
 __all__ = ["Sessions", "ServerSession", "SessionCounters", "CacheBudget", "MAX_BATCH"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mesh.net.messages import History, Step
+from .messages import History, Step
 
 __all__ = ["concat_steps", "trim_steps"]
 

@@ -26,10 +26,10 @@ import msgpack
 import trio
 from libp2p.peer.id import ID
 
-from mesh.net import wire
-from mesh.net.messages import Snapshot, SnapshotRequest
-from mesh.net.node import Node
-from mesh.net.wire import short_id
+from . import wire
+from .messages import Snapshot, SnapshotRequest
+from .node import Node
+from .wire import short_id
 
 __all__ = ["ServerState", "ServerInfo", "topic", "provider_key", "SwarmTable", "Swarm", "open_swarm",
            "coverage_summary", "block_ranges"]

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from mesh.balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
-from mesh.net import wire
-from mesh.net.adapters import ClientLora
-from mesh.net.client import remote_backward, remote_forward
-from mesh.net.chain import ChainConfig, RouteUnavailable, candidates
-from mesh.net.node import PeerUnavailable
-from mesh.net.wire import short_id
+from ..balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
+from . import wire
+from .adapters import ClientLora
+from .client import remote_backward, remote_forward
+from .chain import ChainConfig, RouteUnavailable, candidates
+from .node import PeerUnavailable
+from .wire import short_id
 
 __all__ = ["Pass", "Grads", "SwarmBlocks"]
 

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
-from mesh.model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
-                               SpanOutOfRange, UnsupportedArchitecture)
+from ..model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
+                            SpanOutOfRange, UnsupportedArchitecture)
 
 __all__ = ["PROTOCOL_VERSION", "ByteStream", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
            "FrameTimeout", "MalformedFrame", "StreamClosed", "UnknownVersion", "Busy", "Unavailable",

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from mesh.model.head import head_from_model
 from mesh.model.lora import LoraSpec
 from mesh.model.span import span_from_model
-from mesh.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
+from mesh.api.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
 
 from procs import wait_for_servers
 

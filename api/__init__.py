@@ -1,6 +1,6 @@
 """The Python API: a causal LM whose blocks run in the swarm.
 
-    from mesh import DistributedModelForCausalLM
+    from .. import DistributedModelForCausalLM
     model = DistributedModelForCausalLM.from_pretrained("llama-2-70b", initial_peers=[...])
     ids = model.tokenizer("A cat", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=20)               # like transformers' generate()
@@ -20,17 +20,17 @@ from typing import Callable, Iterator, Sequence
 import torch
 import trio
 
-from mesh.model.errors import BadRequest, MeshError
-from mesh.model.generation import Generator, SamplingConfig
-from mesh.model.head import ClientHead, load_head, load_tokenizer
-from mesh.model.sources import ModelSource, resolve_model
-from mesh.model.speculative import load_draft, new_speculator, parse_speculate
-from mesh.net.adapters import ClientLora
-from mesh.net.chain import BanList, ChainConfig
-from mesh.net.inference import InferenceSession, is_exact, open_inference_session
-from mesh.net.node import NodeConfig, env_initial_peers
-from mesh.net.portal import SwarmClient, unwrap
-from mesh.net.swarm import block_ranges
+from ..model.errors import BadRequest, MeshError
+from ..model.generation import Generator, SamplingConfig
+from ..model.head import ClientHead, load_head, load_tokenizer
+from ..model.sources import ModelSource, resolve_model
+from ..model.speculative import load_draft, new_speculator, parse_speculate
+from ..net.adapters import ClientLora
+from ..net.chain import BanList, ChainConfig
+from ..net.inference import InferenceSession, is_exact, open_inference_session
+from ..net.node import NodeConfig, env_initial_peers
+from ..net.portal import SwarmClient, unwrap
+from ..net.swarm import block_ranges
 
 __all__ = ["SwarmSession", "DistributedModelForCausalLM"]
 
@@ -138,7 +138,7 @@ class DistributedModelForCausalLM:
             self.lora = ClientLora(name)
             self.accept = lambda s: name in s.adapters and (base is None or base(s))
             return
-        from mesh.tuning import Adapter
+        from .tuning import Adapter
 
         loaded = Adapter.load(path, self.config)
         if loaded.deep is not None:

@@ -20,12 +20,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from mesh.model.data import Dataset, collate, epoch_order, load_jsonl
-from mesh.model.errors import BadRequest
-from mesh.model.head import load_tokenizer
-from mesh.model.sources import resolve_model
-from mesh.model.lora import DEFAULT_TARGETS, LoraSpec
-from mesh.tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
+from ..model.data import Dataset, collate, epoch_order, load_jsonl
+from ..model.errors import BadRequest
+from ..model.head import load_tokenizer
+from ..model.sources import resolve_model
+from ..model.lora import DEFAULT_TARGETS, LoraSpec
+from .tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
 
 __all__ = ["FinetuneConfig", "Progress", "Result", "Backend", "evaluate", "run_finetune"]
 
@@ -102,9 +102,9 @@ class Backend:
         if cfg.local:
             from transformers import AutoModelForCausalLM
 
-            from mesh.model.head import head_from_model, load_tokenizer
-            from mesh.model.sources import resolve_model
-            from mesh.model.span import span_from_model
+            from ..model.head import head_from_model, load_tokenizer
+            from ..model.sources import resolve_model
+            from ..model.span import span_from_model
 
             source = resolve_model(cfg.model)
             full = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()
@@ -113,7 +113,7 @@ class Backend:
             self.runner = LocalRunner(span_from_model(full, 0, full.config.num_hidden_layers))
             self.name = source.model_id
         else:
-            from mesh.api import DistributedModelForCausalLM
+            from . import DistributedModelForCausalLM
 
             self._model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers or None)
             self.config, self.head, self.tokenizer = self._model.config, self._model.head, self._model.tokenizer

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from mesh.model.errors import BadRequest
-from mesh.model.head import ClientHead, prepend_prefix, token_positions
-from mesh.model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
-from mesh.model.span import Span
+from ..model.errors import BadRequest
+from ..model.head import ClientHead, prepend_prefix, token_positions
+from ..model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
+from ..model.span import Span
 
 __all__ = ["TuningConfig", "Adapter", "BlockRunner", "adapted_logits", "lm_loss", "LocalRunner", "SwarmRunner"]
 
@@ -167,9 +167,9 @@ class SwarmRunner:
     concurrently (each on its own chain); their gradients are summed, so the result equals one pass."""
 
     def __init__(self, model, micro_batch: int = 4, spread: bool = True) -> None:
-        from mesh.net.latency import RttTracker
-        from mesh.net.chain import ChainConfig
-        from mesh.net.training import SwarmBlocks
+        from ..net.latency import RttTracker
+        from ..net.chain import ChainConfig
+        from ..net.training import SwarmBlocks
 
         self.model = model
         self.micro_batch = micro_batch
@@ -185,7 +185,7 @@ class SwarmRunner:
         return self.blocks.retries
 
     def _client_lora(self, adapter: Adapter):
-        from mesh.net.adapters import ClientLora
+        from ..net.adapters import ClientLora
 
         weights = adapter.lora_weights()
         if weights is None:

@@ -8,7 +8,7 @@ __all__ = ["DistributedModelForCausalLM", "__version__"]
 def __getattr__(name: str):
     # Imported on first use: `import mesh` (and `mesh --help`) stays fast.
     if name == "DistributedModelForCausalLM":
-        from mesh.api import DistributedModelForCausalLM
+        from .api import DistributedModelForCausalLM
 
         return DistributedModelForCausalLM
     raise AttributeError(name)
