@@ -59,6 +59,40 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": stream.text})
         return stream.text, count, time.perf_counter() - started
 
+    def answer(self, text: str, sampling: dict) -> None:
+        """One turn on the terminal: the answer streamed to stdout, then a dim stats line on stderr."""
+        _, count, seconds = self.turn(text, sampling, write)
+        write("\n")
+        spec = self.session.generator.speculator
+        stderr().print(f"[dim]{self.session.describe()} · {count} tokens in {seconds:.1f} s "
+                       f"({count / max(seconds, 1e-9):.1f} tokens/s){' · ' + spec.summary() if spec else ''}[/dim]",
+                       highlight=False)
+
+    def repl(self, sampling: dict) -> None:
+        """Turns read from stdin until /exit or end of input; an error ends the turn, not the chat."""
+        from ..model.errors import MeshError
+
+        err = stderr()
+        err.print(f"[dim]chatting with {self.model.source.model_id} · /reset to start over, /exit to leave[/dim]")
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                return
+            except KeyboardInterrupt:
+                write("\n")
+                continue
+            if text in ("/exit", "/quit"):
+                return
+            if text == "/reset":
+                self.reset()
+                err.print("[dim]conversation reset[/dim]")
+            elif text:
+                try:
+                    self.answer(text, sampling)
+                except MeshError as e:
+                    err.print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False)
+
 
 def _too_long(max_length: int):
     from ..model.errors import MaxLengthExceeded
@@ -93,9 +127,8 @@ def chat(
     from .. import DistributedModelForCausalLM
     from ..model.chat import has_chat_template
     from ..model.errors import MeshError
-    from ..net.codec import check_compression
-
     from ..model.speculative import parse_speculate
+    from ..net.codec import check_compression
 
     setup_logging(verbose)
     check_compression(compression)
@@ -113,39 +146,10 @@ def chat(
         sampling = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         conv = Conversation(lm, max_length, system)
-
-        def answer(text: str) -> None:
-            _, count, seconds = conv.turn(text, sampling, write)
-            write("\n")
-            spec = conv.session.generator.speculator
-            err.print(f"[dim]{conv.session.describe()} · {count} tokens in {seconds:.1f} s "
-                      f"({count / max(seconds, 1e-9):.1f} tokens/s){' · ' + spec.summary() if spec else ''}[/dim]",
-                      highlight=False)
-
         try:
             if prompt is not None:
-                answer(prompt)
-                return
-            err.print(f"[dim]chatting with {lm.source.model_id} · /reset to start over, /exit to leave[/dim]")
-            while True:
-                try:
-                    text = input("you> ").strip()
-                except EOFError:
-                    break
-                except KeyboardInterrupt:
-                    write("\n")
-                    continue
-                if not text:
-                    continue
-                if text in ("/exit", "/quit"):
-                    break
-                if text == "/reset":
-                    conv.reset()
-                    err.print("[dim]conversation reset[/dim]")
-                    continue
-                try:
-                    answer(text)
-                except MeshError as e:
-                    err.print(f"[bold red]error:[/bold red] {e.one_line()}", highlight=False)
+                conv.answer(prompt, sampling)
+            else:
+                conv.repl(sampling)
         finally:
             conv.session.close()

@@ -56,3 +56,19 @@ def test_int8_on_every_hop_through_servers_keeps_greedy(swarm, smollm2_model):
                                      pad_token_id=model.tokenizer.pad_token_id)
         n = ids.shape[1]
         assert_greedy_equal_but_near_ties(smollm2_model, ids, out[0, n:].tolist(), ref[0, n:].tolist())
+
+
+def test_interactive_chat_reset_and_exit(swarm):
+    """`mesh chat` reading turns from stdin: two answers around a /reset, each with its stats line
+    (speculation included), a blank line ignored, then /exit."""
+    import subprocess
+
+    from procs import MESH
+
+    peers = [arg for p in swarm.initial_peers for arg in ("--initial-peers", p)]
+    done = subprocess.run([*MESH, "chat", "smollm2", "-n", "8", *peers], capture_output=True, text=True,
+                          input="What is 2+2?\n\n/reset\nSay hi.\n/exit\n", timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("you> ") == 5, done.stdout  # one prompt per line read, /exit's included
+    assert done.stderr.count("tokens in") == 2 and "conversation reset" in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("drafts accepted") == 2

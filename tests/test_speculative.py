@@ -151,7 +151,7 @@ def _worst(counts: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def test_speculative_sampling_keeps_the_distribution(monkeypatch):
-    """The first two new tokens' empirical distributions over 1500 seeded runs, against the model's exact
+    """The first two new tokens' empirical distributions over 1000 seeded runs, against the model's exact
     ones, by chi-square at p = 0.001 each. Drafts decide both (kept, or resampled from the residual). The
     same test rejects a sampler that keeps every draft."""
     model = _tiny_sampler()
@@ -159,7 +159,7 @@ def test_speculative_sampling_keeps_the_distribution(monkeypatch):
     draft.resize_token_embeddings(8)  # a different model over the same 8-token vocabulary
     exact = _exact_first_two(model, 1.3)
     for factory in (PromptLookup, lambda: DraftModel(draft)):
-        assert _worst(_token_counts(model, factory, 1500, 1.3), exact) < 1
+        assert _worst(_token_counts(model, factory, 1000, 1.3), exact) < 1
 
     monkeypatch.setattr(generation, "accept_draft", lambda scores, d, s: (True, torch.tensor([d])))
-    assert _worst(_token_counts(model, PromptLookup, 1500, 1.3), exact) > 1
+    assert _worst(_token_counts(model, PromptLookup, 1000, 1.3), exact) > 1
