@@ -26,7 +26,7 @@ from ..model.head import ClientHead, load_head, load_tokenizer
 from ..model.sources import ModelSource, resolve_model
 from ..model.speculative import load_draft, new_speculator, parse_speculate
 from ..net.adapters import ClientLora
-from ..net.chain import BanList, ChainConfig
+from ..net.chain import BanList, ChainConfig, accept_any
 from ..net.inference import InferenceSession, is_exact, open_inference_session
 from ..net.node import NodeConfig, env_initial_peers
 from ..net.portal import SwarmClient, unwrap
@@ -56,7 +56,7 @@ class SwarmSession:
         try:
             cfg = ChainConfig(client.node, client.swarm.table, client.rtt, model.source.model_id, model.num_blocks,
                               max_length, batch_size, compression=model.compression, bans=model.bans,
-                              route_wait=model.route_wait, accept=model.accept or (lambda info: True),
+                              route_wait=model.route_wait, accept=model.accept,
                               lora=model.lora)
             async with open_inference_session(cfg) as session:
                 done = trio.Event()
@@ -106,7 +106,7 @@ class DistributedModelForCausalLM:
 
     def __init__(self, source: ModelSource, head: ClientHead, tokenizer, client: SwarmClient,
                  compression: str = "none", route_wait: float = 30.0, exact: bool = False) -> None:
-        self.accept = self._base_accept = is_exact if exact else None  # exact: float32, unquantized only
+        self.accept = self._base_accept = is_exact if exact else accept_any  # exact: float32, unquantized only
         self.route_wait = route_wait  # how long a session waits for a server holding missing blocks
         self.bans = BanList()  # peers that failed this client, shared by its sessions
         self.source = source
@@ -136,7 +136,7 @@ class DistributedModelForCausalLM:
         if not path.is_dir():  # hosted: only servers announcing it may serve this client
             name, base = str(adapter), self._base_accept
             self.lora = ClientLora(name)
-            self.accept = lambda s: name in s.adapters and (base is None or base(s))
+            self.accept = lambda s: name in s.adapters and base(s)
             return
         from .tuning import Adapter
 

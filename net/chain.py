@@ -30,7 +30,7 @@ from .swarm import ServerInfo, SwarmTable, block_ranges
 from .wire import short_id
 
 __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "RouteUnavailable", "OpenFailed", "candidates",
-           "REPLAY_CHUNK"]
+           "accept_any", "REPLAY_CHUNK"]
 
 log = logging.getLogger("mesh.inference")
 
@@ -77,6 +77,11 @@ def candidates(servers: list[ServerInfo], throughput: bool = False) -> list[Cand
                       dict(s.next_pings), s.relayed) for s in servers]
 
 
+def accept_any(info: ServerInfo) -> bool:
+    """The default server filter: every server will do."""
+    return True
+
+
 @dataclass
 class ChainConfig:
     """What a client's chains are made of and with: its node and view of the swarm, the model, the
@@ -92,7 +97,7 @@ class ChainConfig:
     compression: str = "none"
     bans: BanList = field(default_factory=BanList)
     route_wait: float = 30.0  # how long to wait for a server holding missing blocks
-    accept: Callable[[ServerInfo], bool] = lambda info: True  # e.g. only exact (unquantized) servers
+    accept: Callable[[ServerInfo], bool] = accept_any  # e.g. only exact (unquantized) servers
     lora: ClientLora | None = None  # applied by every server of the chain, replacements included
 
 

@@ -25,8 +25,7 @@ import trio
 from ..balancing.routing import Hop
 from ..model.errors import MeshError
 from . import wire
-from .chain import (BanList, ChainConfig, ChainOpener, HopLink, RouteUnavailable, candidates,
-                    close_quietly)
+from .chain import ChainConfig, ChainOpener, HopLink, RouteUnavailable, close_quietly
 from .client import ping
 from .messages import History, Step, StepResult
 from .steplog import concat_steps, trim_steps
@@ -35,8 +34,7 @@ from .wire import short_id
 
 log = logging.getLogger("mesh.inference")
 
-__all__ = ["InferenceSession", "open_inference_session", "HopFailed", "RouteUnavailable", "BanList", "candidates",
-           "is_exact", "ChainConfig"]
+__all__ = ["InferenceSession", "open_inference_session", "HopFailed", "is_exact"]
 
 MAX_RECOVERIES = 6  # per step
 BASE_TIMEOUT = 5.0
