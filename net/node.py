@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,6 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..model.errors import MeshError
@@ -48,6 +47,7 @@ from . import relay, wire
 from .wire import short_id
 from .identity import Identity, open_identity
 from .messages import Message
+from .peerlimits import PeerLimits, resource_manager
 from .ports import claim_ports, port_lock
 
 __all__ = ["DEFAULT_LISTEN", "ENV_INITIAL_PEERS", "MAX_STREAMS_PER_PEER", "PeerUnavailable", "NodeConfig",
@@ -84,6 +84,7 @@ class NodeConfig:
     connect_timeout: float = 10.0
     gossip_heartbeat: float = 1.0
     relay_service: bool = False  # answer circuit-relay reservations (servers; only useful when dialable)
+    peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may hold (net/peerlimits.py)
 
 
 def env_initial_peers() -> list[str]:
@@ -113,6 +114,7 @@ class Node:
         self.config = config
         self.nursery = nursery
         self._stream_slots: dict[str, trio.Semaphore] = defaultdict(lambda: trio.Semaphore(MAX_STREAMS_PER_PEER))
+        self._inbound: Counter[str] = Counter()  # peer id -> its streams our handlers are serving
         self._circuits: dict[str, list[str]] = {}  # peer id -> its addresses through relays
         self._dialing: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.relay_addrs: list[str] | None = None  # set while this node is only reachable through a relay
@@ -166,7 +168,13 @@ class Node:
         proto = TProtocol(wire.protocol_id(name))
 
         async def guarded(stream) -> None:
-            peer = short_id(stream.muxed_conn.peer_id.to_base58())
+            peer_id = stream.muxed_conn.peer_id.to_base58()
+            peer = short_id(peer_id)
+            if self._inbound[peer_id] >= self.config.peer_limits.streams_per_peer:
+                log.debug("%s: %s has %d streams open; refusing another", name, peer, self._inbound[peer_id])
+                await wire.reset_quietly(stream)
+                return
+            self._inbound[peer_id] += 1
             try:
                 await handler(stream)
             except wire.StreamClosed:
@@ -178,6 +186,10 @@ class Node:
                 except Exception:
                     await wire.reset_quietly(stream)
                     return
+            finally:
+                self._inbound[peer_id] -= 1
+                if not self._inbound[peer_id]:
+                    del self._inbound[peer_id]
             await wire.close_quietly(stream)
 
         self.host.set_stream_handler(proto, guarded)
@@ -319,7 +331,8 @@ async def _listening(host, config: NodeConfig) -> AsyncIterator[None]:
 async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
     key_pair = identity.key_pair
     host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
-                    connection_config=ConnectionConfig(max_connections_per_peer=1))
+                    connection_config=ConnectionConfig(max_connections_per_peer=1),
+                    resource_manager=resource_manager(config.peer_limits))
     gossip = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
                        heartbeat_interval=config.gossip_heartbeat, heartbeat_initial_delay=0.1,
                        spam_protection_enabled=False, eclipse_protection_enabled=False)
@@ -333,7 +346,7 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
                 await stack.enter_async_context(background_trio_service(pubsub))
                 await stack.enter_async_context(background_trio_service(gossip))
                 await stack.enter_async_context(background_trio_service(dht))
-                relaying = CircuitV2Protocol(host, relay.RELAY_LIMITS, allow_hop=config.relay_service)
+                relaying = relay.GuardedRelay(host, relay.RELAY_LIMITS, allow_hop=config.relay_service)
                 await stack.enter_async_context(background_trio_service(relaying))  # STOP: accept relayed conns
                 await stack.enter_async_context(background_trio_service(DCUtRProtocol(host)))
                 with trio.fail_after(10):

@@ -14,7 +14,10 @@ mesh protocol runs over it unchanged. `RelaySlot` keeps the reservation: it watc
 second and refreshes before expiry; when the relay goes, it reserves on another one and asks for an
 announcement at once.
 
-Every serving node that finds itself dialable relays for others, within `RELAY_LIMITS`.
+Every serving node that finds itself dialable relays for others, within `RELAY_LIMITS`, through
+`GuardedRelay`: a reservation is only ever for the connection's own peer (py-libp2p's relay would reserve
+for any peer id the RESERVE names, so one peer could fill every slot), one per peer and `MAX_RESERVATIONS`
+in all, and it lasts `RESERVATION_TTL` unless its holder renews it, so a slot left behind frees soon.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
@@ -41,7 +45,8 @@ from . import wire
 from .wire import short_id
 from .messages import Message
 
-__all__ = ["CIRCUIT", "PING_TIMEOUT", "RELAY_LIMITS", "is_circuit", "circuit_addrs", "split_circuit",
+__all__ = ["CIRCUIT", "PING_TIMEOUT", "RELAY_LIMITS", "MAX_RESERVATIONS", "RESERVATION_TTL", "GuardedRelay",
+           "is_circuit", "circuit_addrs", "split_circuit",
            "is_relayed", "RelayRefused", "dial_circuit", "reserve", "DialBack", "DialBackReply",
            "serve_dialback", "listen_ports", "check_dialable", "RelayState", "RelayHost", "RelaySlot",
            "establish_reachability"]
@@ -55,8 +60,11 @@ WATCH_PERIOD = 1.0
 PING_PERIOD = 2.0  # a relay that vanishes silently (no FIN, no RST) is noticed after MISSED_PINGS pings
 PING_TIMEOUT = 3.0  # generous: pings share the relay connection with the relayed tensors
 MISSED_PINGS = 2
-RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=256, max_reservations=64,
-                           reservation_ttl=3600)
+MAX_RESERVATIONS = 64  # slots a relay gives in all (one per peer)
+RESERVATION_TTL = 120  # seconds a slot lasts unless its holder renews it
+RENEW_BEFORE = RESERVATION_TTL / 2  # a holder renews when less than this is left (RelaySlot.run)
+RELAY_LIMITS = RelayLimits(duration=7 * 24 * 3600, data=1 << 50, max_circuit_conns=256,
+                           max_reservations=MAX_RESERVATIONS, reservation_ttl=RESERVATION_TTL)
 
 
 def is_circuit(addr: str) -> bool:
@@ -132,7 +140,39 @@ async def reserve(host, relay_id: ID) -> float:
                                                           peer=PeerId(id=host.get_id().to_bytes())))
     await wire.close_quietly(stream)
     expire = reply.reservation.expire if reply.HasField("reservation") else 0
-    return float(expire) if expire else time.time() + 600
+    return float(expire) if expire else time.time() + RESERVATION_TTL
+
+
+# ----- relaying for others -----------------------------------------------------------------------------
+
+
+class GuardedRelay(CircuitV2Protocol):
+    """py-libp2p's circuit relay v2, reserving only for the peer at the other end of the connection.
+
+    The parent reserves for whatever peer id a RESERVE names; here that field is dropped, so the parent
+    falls back to `stream.muxed_conn.peer_id`. Its resource manager keys slots by peer id (one per peer;
+    a re-reserve refreshes it) and caps them at `limits.max_reservations`. Before each reservation,
+    slots that expired or whose holder is no longer connected (the spec's condition for a valid slot)
+    are freed, so only live peers count against the cap.
+    """
+
+    def __init__(self, host: Any, limits: RelayLimits = RELAY_LIMITS, allow_hop: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(host, limits, allow_hop=allow_hop, **kwargs)
+
+    def _free_stale(self) -> None:
+        rm = self.resource_manager
+        now = time.time()
+        connections = getattr(self.host.get_network(), "connections", None)
+        for peer_id, res in list(rm._reservations.items()):
+            if now > res.expires_at or (connections is not None and not connections.get(peer_id)):
+                del rm._reservations[peer_id]
+
+    async def _handle_reserve(self, stream: Any, msg: HopMessage) -> None:
+        """Reserve (or refresh) a slot for the stream's remote peer, whatever peer the message names."""
+        msg.ClearField("peer")
+        self._free_stale()
+        await super()._handle_reserve(stream, msg)
 
 
 # ----- dial-back ---------------------------------------------------------------------------------------
@@ -322,7 +362,7 @@ class RelaySlot:
                     self.on_change()
                 elif not started:
                     log.warning("no relay could give a slot yet: unreachable until one does")
-            elif self.state.expire - time.time() < 120:
+            elif self.state.expire - time.time() < RENEW_BEFORE:
                 try:
                     with trio.fail_after(10):
                         self.state.expire = await reserve(self.node.host, ID.from_base58(self.state.relay_id))
