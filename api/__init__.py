@@ -146,7 +146,7 @@ class DistributedModelForCausalLM:
                              hint="use a prompt or lora adapter for chat")
         weights = loaded.lora_weights()
         if weights is not None:
-            self.lora = ClientLora.keyed("file", weights)
+            self.lora = ClientLora.carrying(weights)
         else:
             self.prefix = loaded.prompt.detach()
 

@@ -13,7 +13,6 @@ Both take the same inputs, so a training step is the same code either way.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -177,7 +176,6 @@ class SwarmRunner:
         cfg = ChainConfig(client.node, client.swarm.table, RttTracker(client.node), model.source.model_id,
                           model.num_blocks, bans=model.bans)
         self.blocks = SwarmBlocks(cfg, spread=spread, keep_graphs=True)
-        self.run_id = secrets.token_hex(6)
         self._lora = None
 
     @property
@@ -190,11 +188,10 @@ class SwarmRunner:
         weights = adapter.lora_weights()
         if weights is None:
             return None
-        fresh = ClientLora.keyed(self.run_id, weights)
         if self._lora is None:
-            self._lora = fresh
-        elif self._lora.key != fresh.key:  # new weights: servers must get them again
-            self._lora.update(fresh.key, weights)
+            self._lora = ClientLora.carrying(weights)
+        else:
+            self._lora.update(weights)  # new weights: servers get them again
         return self._lora
 
     def __call__(self, hidden, position_ids, attention_mask, adapter):

@@ -52,6 +52,8 @@ def serve(
     idle_timeout: float = typer.Option(defaults.IDLE_TIMEOUT, min=1.0, help="Close sessions silent for this long."),
     threads: int = typer.Option(0, min=0, help="CPU threads for compute (0 = torch's default: all cores). "
                                              "Servers sharing a machine should split its cores."),
+    limit: list[str] = typer.Option(None, "--limit", help="NAME=VALUE: what one peer may take of this server, "
+                                    "e.g. sessions_per_peer=8 (repeatable; names and defaults in docs/security.md)."),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="-v: what the node does; -vv: details."),
 ) -> None:
     """Host blocks of MODEL, announce them, and answer inference and training calls until stopped.
@@ -62,6 +64,7 @@ def serve(
     import trio
 
     from ..model.quant import check_quant
+    from ..net.quotas import parse_limits
     from ..net.server import ServerConfig, run_server
 
     setup_logging(verbose)
@@ -75,7 +78,8 @@ def serve(
                           balance_period=balance_period, join_delay=join_delay, bandwidth_mbps=bandwidth,
                           remeasure=remeasure, adapters=list(adapter or []),
                           cache_tokens=cache_tokens, max_length=max_length,
-                          public_name=public_name, announce_period=announce_period, idle_timeout=idle_timeout)
+                          public_name=public_name, announce_period=announce_period, idle_timeout=idle_timeout,
+                          quotas=parse_limits(list(limit or [])))
 
     async def main() -> None:
         stop = trio.Event()

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 from . import compat
 from .errors import BadRequest
 
-__all__ = ["DEFAULT_TARGETS", "LoraSpec", "LoraWeights", "target_modules", "init_lora", "applied", "save_peft",
+__all__ = ["DEFAULT_TARGETS", "LoraSpec", "LoraWeights", "target_modules", "lora_shapes", "init_lora", "applied", "save_peft",
            "load_peft"]
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -48,11 +48,19 @@ class LoraSpec:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoraSpec":
-        spec = cls(int(d["rank"]), float(d["alpha"]), tuple(str(t) for t in d["targets"]))
-        if spec.rank < 1 or not spec.targets:
-            raise BadRequest(f"bad LoRA spec {d}")
-        return spec
+    def from_dict(cls, d: object, max_rank: int = 1 << 16) -> "LoraSpec":
+        """A spec from a peer's or a file's map, every field checked."""
+        if not isinstance(d, dict):
+            raise BadRequest("lora.spec: expected a map")
+        rank, alpha, targets = d.get("rank"), d.get("alpha"), d.get("targets")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+            raise BadRequest(f"lora.spec.rank: expected an integer in 1..{max_rank}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise BadRequest("lora.spec.alpha: expected a finite number")
+        if not isinstance(targets, list) or not 0 < len(targets) <= 16 or not all(
+                isinstance(t, str) and 0 < len(t) <= 64 for t in targets):
+            raise BadRequest("lora.spec.targets: expected 1..16 projection names")
+        return cls(rank, float(alpha), tuple(targets))
 
 
 @dataclass
@@ -98,11 +106,15 @@ def target_modules(layer: nn.Module, targets: Sequence[str]) -> list[tuple[str, 
     return out
 
 
+def lora_shapes(config: PretrainedConfig, spec: LoraSpec) -> list[tuple[int, int]]:
+    """(in, out) features of each projection `spec` targets in one block of this model."""
+    return [(m.in_features, m.out_features) for _, m in target_modules(_meta_layer(config), spec.targets)]
+
+
 def init_lora(config: PretrainedConfig, spec: LoraSpec, start: int, end: int,
               generator: torch.Generator | None = None, zero_b: bool = True) -> LoraWeights:
     """peft's initialisation: A Kaiming-uniform, B zeros (so training starts from the base model)."""
-    layer = _meta_layer(config)
-    shapes = [(m.in_features, m.out_features) for _, m in target_modules(layer, spec.targets)]
+    shapes = lora_shapes(config, spec)
     a, b = [], []
     for _ in range(start, end):
         a.append([_kaiming(spec.rank, fan_in, generator) for fan_in, _ in shapes])

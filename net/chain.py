@@ -26,7 +26,8 @@ from .client import RemoteSession, open_session
 from .latency import RttTracker
 from .messages import History, HistoryRequest, NextHop, Step, StepResult
 from .node import Node
-from .swarm import ServerInfo, SwarmTable, block_ranges
+from .announce import ServerInfo
+from .swarm import SwarmTable, block_ranges
 from .wire import short_id
 
 __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "RouteUnavailable", "OpenFailed", "candidates",
@@ -35,6 +36,7 @@ __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "RouteUnavailable
 log = logging.getLogger("mesh.inference")
 
 REPLAY_CHUNK = 512  # tokens per replayed step
+USER_ERRORS = ("max_length",)  # error codes that are the client's own fault; any other fails the hop
 
 
 class RouteUnavailable(MeshError):
@@ -148,17 +150,15 @@ class HopLink:
                     return
 
     def _dispatch(self, frame: object, on_result: OnResult, on_error: OnError) -> None:
-        if isinstance(frame, dict) and "error" in frame:
-            err = frame["error"] if isinstance(frame["error"], dict) else {}
-            step_id = err.get("step_id") if isinstance(err.get("step_id"), int) else None
-            try:
-                wire.raise_if_error(frame)
-            except MeshError as e:
-                if e.code == "unavailable":  # a push to the next hop failed: that hop is the broken one
-                    failed = err.get("peer_id") if isinstance(err.get("peer_id"), str) else self.hop.peer_id
-                    on_error(self, e, failed, step_id)
-                else:
-                    on_error(self, e, None, step_id)
+        try:
+            wire.raise_if_error(frame)
+        except MeshError as e:
+            step_id = getattr(e, "step_id", None)
+            if e.code in USER_ERRORS:  # the request itself is wrong: rerouting would not help
+                on_error(self, e, None, step_id)
+            else:  # this hop failed, or (unavailable) reports that the hop it pushes to did
+                failed = getattr(e, "peer_id", None) if e.code == "unavailable" else None
+                on_error(self, e, failed or self.hop.peer_id, step_id)
             return
         if isinstance(frame, dict) and frame.get("type") == History.TYPE:
             waiter, self._history = self._history, None
@@ -216,13 +216,14 @@ class ChainOpener:
         counts = cfg.table.coverage(cfg.model_id, cfg.num_blocks, lambda s: s.peer_id not in banned and cfg.accept(s))
         return block_ranges([b for b in range(start, end) if counts[b] == 0]) or f"{start}:{end}"
 
-    async def open_hops(self, route: list[Hop], next_hop: NextHop | None) -> list[HopLink]:
-        """Sessions for `route`, last first, the last one pushing to `next_hop`."""
+    async def open_hops(self, route: list[Hop], next_hop: NextHop | None, prev: str = "") -> list[HopLink]:
+        """Sessions for `route`, last first, the last one pushing to `next_hop`; the first takes pushes
+        from `prev` ("": none, the client sends its steps), each other one from the hop before it."""
         cfg = self.cfg
         by_id = {s.peer_id: s for s in cfg.table.all(cfg.model_id)}
         links: list[HopLink] = []
         try:
-            for hop in reversed(route):
+            for i, hop in reversed(list(enumerate(route))):
                 info = by_id.get(hop.peer_id)
                 if info is None:  # its entry expired while the route was being planned
                     raise OpenFailed(hop.peer_id, f"server {short_id(hop.peer_id)} left the swarm")
@@ -230,7 +231,8 @@ class ChainOpener:
                 try:
                     session = await stack.enter_async_context(open_session(
                         cfg.node, info, hop.start, hop.end, cfg.max_length, cfg.batch_size,
-                        compression=cfg.compression, next_hop=next_hop, lora=cfg.lora))
+                        compression=cfg.compression, next_hop=next_hop, lora=cfg.lora,
+                        prev=route[i - 1].peer_id if i > 0 else prev))
                 except (MeshError, trio.TooSlowError) as e:
                     await close_quietly(stack)
                     raise OpenFailed(hop.peer_id, f"cannot open a session on {short_id(hop.peer_id)}: {e}") from e
@@ -243,13 +245,13 @@ class ChainOpener:
         return links[::-1]
 
     async def open_route(self, start: int, end: int, banned: frozenset[str], next_hop: NextHop | None,
-                         replay: History | None = None) -> list[HopLink]:
+                         replay: History | None = None, prev: str = "") -> list[HopLink]:
         """Plan and open a chain for [start, end); servers that fail to open (or to replay) are banned and
         routed around until the route wait runs out."""
         while True:
             route = await self.plan(start, end, banned)
             try:
-                new = await self.open_hops(route, next_hop)
+                new = await self.open_hops(route, next_hop, prev)
             except OpenFailed as e:
                 log.warning("%s; routing around it", e)
                 self.cfg.bans.ban(e.peer_id)

@@ -7,7 +7,6 @@ failover build on these in the session layer above.
 
 from __future__ import annotations
 
-import secrets
 import statistics
 import time
 from contextlib import asynccontextmanager
@@ -22,9 +21,10 @@ from .wire import short_id
 from .adapters import ClientLora
 from .codec import decode_tensor
 from .messages import (BackwardReply, BackwardRequest, CloseSession, ForwardReply, ForwardRequest, InfoReply,
-                       InfoRequest, NextHop, OpenSession, Ping, Pong, Probe, ProbeReply, Relink, SessionOpened, Step)
+                       InfoRequest, NextHop, OpenSession, Ping, Pong, Predecessor, Probe, ProbeReply, Relink,
+                       SessionOpened, Step)
 from .node import Node, PeerUnavailable
-from .swarm import ServerInfo
+from .announce import ServerInfo
 
 __all__ = ["RemoteSession", "open_session", "remote_forward", "remote_backward", "server_info", "ping",
            "probe_link"]
@@ -36,15 +36,12 @@ PROBE_BYTES = 1 << 20
 class RemoteSession:
     """An open inference session on one server for blocks [start, end), on one long-lived stream."""
 
-    def __init__(self, node: Node, server: ServerInfo, stream, opened: OpenSession) -> None:
+    def __init__(self, node: Node, server: ServerInfo, stream, opened: OpenSession, session_id: str) -> None:
         self.node = node
         self.server = server
         self.stream = stream
         self.opened = opened
-
-    @property
-    def session_id(self) -> str:
-        return self.opened.session_id
+        self.session_id = session_id  # named by the server
 
     @property
     def peer_id(self) -> str:
@@ -52,7 +49,7 @@ class RemoteSession:
 
     def as_next_hop(self) -> NextHop:
         """This session as the push target of the server before it."""
-        return NextHop(self.server.peer_id, tuple(self.server.addrs), self.session_id)
+        return NextHop(self.server.peer_id, self.session_id)
 
     async def send(self, step: Step, timeout: float = STEP_TIMEOUT) -> None:
         """Send a step; only the chain's last server answers it (see `net/chain.py`)."""
@@ -60,6 +57,10 @@ class RemoteSession:
 
     async def relink(self, next_hop: NextHop | None) -> None:
         await wire.write_frame(self.stream, Relink(next_hop).to_wire())
+
+    async def accept_pushes_from(self, peer_id: str) -> None:
+        """Name the server that pushes to this session from now on (the hop before it changed)."""
+        await wire.write_frame(self.stream, Predecessor(peer_id).to_wire())
 
     async def close(self) -> None:
         with trio.move_on_after(2.0):
@@ -72,18 +73,20 @@ class RemoteSession:
 @asynccontextmanager
 async def open_session(node: Node, server: ServerInfo, start: int, end: int, max_length: int,
                        batch_size: int = 1, *, compression: str = "none", next_hop: NextHop | None = None,
-                       lora: ClientLora | None = None, timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
-    """An inference session on one server for blocks [start, end), closed on exit."""
+                       prev: str = "", lora: ClientLora | None = None,
+                       timeout: float = 30.0) -> AsyncIterator[RemoteSession]:
+    """An inference session on one server for blocks [start, end), closed on exit; it pushes its outputs to
+    `next_hop` and takes pushes only from the peer `prev` (the server before it in the chain)."""
     node.remember(server.peer_id, server.addrs)
-    opened = OpenSession(secrets.token_hex(8), start, end, max_length, batch_size, compression, next_hop,
-                         lora=lora.ref(start, end, with_weights=True) if lora is not None else None)
+    opened = OpenSession(start, end, max_length, batch_size, compression, next_hop,
+                         lora=lora.ref(start, end, with_weights=True) if lora is not None else None, prev=prev)
     async with node.stream(server.peer_id, "inference", timeout=timeout) as stream:
         await wire.write_frame(stream, opened.to_wire(), timeout=timeout)
         try:
-            SessionOpened.from_wire(wire.raise_if_error(await wire.read_frame(stream, timeout=timeout)))
+            reply = SessionOpened.from_wire(wire.raise_if_error(await wire.read_frame(stream, timeout=timeout)))
         except wire.StreamClosed as e:
             raise PeerUnavailable(f"server {short_id(server.peer_id)} closed the session at open") from e
-        session = RemoteSession(node, server, stream, opened)
+        session = RemoteSession(node, server, stream, opened, reply.session_id)
         try:
             yield session
         finally:

@@ -29,7 +29,7 @@ from .chain import ChainConfig, ChainOpener, HopLink, RouteUnavailable, close_qu
 from .client import ping
 from .messages import History, Step, StepResult
 from .steplog import concat_steps, trim_steps
-from .swarm import ServerInfo, ServerState
+from .announce import ServerInfo, ServerState
 from .wire import short_id
 
 log = logging.getLogger("mesh.inference")
@@ -220,11 +220,13 @@ class InferenceSession:
         history = await self._inputs_of(first, before)
         t1 = time.perf_counter()
         after = self.hops[last + 1] if last + 1 < len(self.hops) else None
-        new = await self.opener.open_route(start, end, banned, None, replay=history)
+        before_run = self.hops[first - 1].hop.peer_id if first > 0 else ""
+        new = await self.opener.open_route(start, end, banned, None, replay=history, prev=before_run)
         log.info("blocks %d:%d rebuilt on %s: history of %d tokens in %.0f ms, open + replay in %.0f ms",
                  start, end, ", ".join(short_id(link.hop.peer_id) for link in new), history.hidden.shape[1],
                  (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
-        if after is not None:  # the new tail pushes to the hop after the run
+        if after is not None:  # the new tail pushes to the hop after the run, which must take its pushes
+            await after.session.accept_pushes_from(new[-1].hop.peer_id)
             await new[-1].session.relink(after.as_next_hop())
         old = self.hops[first:last + 1]
         self.hops[first:last + 1] = new

@@ -8,6 +8,7 @@ that every required field is present, raising BadRequest / UnknownVersion for th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from .wire import PROTOCOL_VERSION, UnknownVersion
 
 __all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
            "InfoRequest", "InfoReply", "OpenSession", "SessionOpened", "Step", "StepResult", "HistoryRequest",
-           "History", "Relink", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
+           "History", "Relink", "Predecessor", "limits", "check_inputs", "MAX_ID", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
            "BackwardReply"]
 
 MAX_TENSOR_NUMEL = 64 * 1024 * 1024
@@ -50,27 +51,32 @@ class Message:
 
     @classmethod
     def from_wire(cls, frame: Any, *, max_numel: int = MAX_TENSOR_NUMEL) -> "Message":
-        """Parse a frame into the message class it names; `cls` restricts which types are accepted."""
+        """Parse a frame into the message class it names; `cls` restricts which types are accepted.
+        Every field is checked (type, finite numbers, range, length) before the message exists."""
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise BadRequest("frame is not a message")
         version = frame.get("v")
         if not isinstance(version, str) or version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
-            raise UnknownVersion(f"protocol version {version!r} is not supported",
+            raise UnknownVersion(f"protocol version {str(version)[:20]!r} is not supported",
                                  hint=f"this node speaks {PROTOCOL_VERSION}")
         kind = _TYPES.get(frame["type"])
         if kind is None or not issubclass(kind, cls):
-            raise BadRequest(f"unexpected message {frame['type']!r}")
+            raise BadRequest(f"unexpected message {frame['type'][:40]!r}")
         values = {}
         for f in dataclasses.fields(kind):
+            name = f"{kind.TYPE}.{f.name}"
             if f.name not in frame:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise BadRequest(f"{kind.TYPE} lacks field {f.name!r}")
+                    raise BadRequest(f"{name}: missing")
                 continue
             value = frame[f.name]
             if f.name in kind.TENSORS and value is not None:
-                value = decode_tensor(value, max_numel=max_numel, name=f"{kind.TYPE}.{f.name}")
+                value = decode_tensor(value, max_numel=max_numel, name=name)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise BadRequest(f"{name}: NaN or Inf values")
             elif f.name in kind.NEXT_HOPS and value is not None:
-                value = NextHop.from_wire(value, name=f"{kind.TYPE}.{f.name}")
+                value = NextHop.from_wire(value, name=name)
+            _check_field(name, value, f)
             values[f.name] = value
         msg = kind(**values)
         msg.validate()
@@ -80,17 +86,78 @@ class Message:
     NEXT_HOPS: ClassVar[tuple[str, ...]] = ()  # fields holding a NextHop
 
     def validate(self) -> None:
-        """Type checks of scalar fields; subclasses with ranges add their own."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = _SCALARS.get(str(f.type))
-            if expected is not None and not isinstance(value, expected) or isinstance(value, bool) and \
-                    str(f.type) == "int":
-                raise BadRequest(f"{self.TYPE}.{f.name} must be {f.type}")
+        """Checks across fields; subclasses that have them override this."""
+
+
+MAX_INT = 2 ** 53  # integers past this lose precision in other peers' languages: nobody needs them here
+
+# annotation -> accepted Python types and how an error names them
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_MASK_DTYPES = (torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)
+
+
+def check_inputs(msg: "Message") -> None:
+    """Dtypes and shapes of a pass's input tensors that hold whatever the model: hidden states (and
+    gradients, prompts) are floating, positions integers, masks integers or booleans, and all of them agree
+    on [batch, tokens]. The model's own sizes are checked by the span."""
+    name = msg.TYPE
+    hidden = getattr(msg, "hidden")
+    if not hidden.is_floating_point() or hidden.dim() != 3:
+        raise BadRequest(f"{name}.hidden: expected a floating [batch, tokens, hidden] tensor, "
+                         f"got {str(hidden.dtype).removeprefix('torch.')} {list(hidden.shape)}")
+    for field_name, dtypes in (("position_ids", _INDEX_DTYPES), ("attention_mask", _MASK_DTYPES)):
+        t = getattr(msg, field_name)
+        if t is None:
+            continue
+        if t.dtype not in dtypes or tuple(t.shape) != tuple(hidden.shape[:2]):
+            raise BadRequest(f"{name}.{field_name}: expected an integer {list(hidden.shape[:2])} tensor, "
+                             f"got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+    for field_name in ("prompts", "grad_output"):
+        t = getattr(msg, field_name, None)
+        if t is not None and not t.is_floating_point():
+            raise BadRequest(f"{name}.{field_name}: expected a floating tensor")
+
+
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+    "bytes": ((bytes,), "bytes"), "bool": ((bool,), "a boolean"), "dict": ((dict,), "a map"),
+    "list": ((list,), "a list"), "torch.Tensor": ((torch.Tensor,), "a tensor"), "NextHop": ((object,), "a next hop"),
+}
+
+
+def limits(lo: float | None = None, hi: float | None = None, *, length: int | None = None, **kw: Any) -> Any:
+    """A dataclass field whose value is range- (numbers) or length- (strings, bytes, lists) checked on parse."""
+    return field(metadata={"lo": lo, "hi": hi, "length": length}, **kw)
+
+
+def _check_field(name: str, value: Any, f: dataclasses.Field) -> None:
+    """The field's declared type, finite if a number, within its declared range or length."""
+    options = [t.strip() for t in str(f.type).split("|")]
+    if value is None:
+        if "None" not in options:
+            raise BadRequest(f"{name}: expected {_KINDS.get(options[0], ((), options[0]))[1]}, got nothing")
+        return
+    kinds = [_KINDS[o] for o in options if o != "None" and o in _KINDS]
+    if kinds and not any(isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+                         for types, _ in kinds):
+        raise BadRequest(f"{name}: expected {kinds[0][1]}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{name}: expected a finite number")
+    lo, hi, length = (f.metadata.get(k) for k in ("lo", "hi", "length"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo = -MAX_INT if lo is None else lo
+        hi = MAX_INT if hi is None else hi
+        if not lo <= value <= hi:
+            raise BadRequest(f"{name}: {value} is outside {lo}..{hi}")
+    if isinstance(value, (str, bytes, list, dict)) and length is not None and len(value) > length:
+        raise BadRequest(f"{name}: longer than {length}")
 
 
 MAX_ID = 128  # characters of a peer or session id
-MAX_ADDRS, MAX_ADDR = 16, 512
+MAX_BLOCK = 1 << 16  # no model has more blocks
+MAX_PROBE = 4 << 20  # bytes of a link probe, either way
+MAX_ENTRIES = 4096  # servers in a snapshot, sessions in an info reply
+MAX_KEY = 64  # characters of a training pass's `keep` key
 
 
 @dataclass(frozen=True)
@@ -98,28 +165,23 @@ class NextHop:
     """Where a server pushes a session's outputs: the next server's peer id, its addresses, its session."""
 
     peer_id: str
-    addrs: tuple[str, ...]
     session_id: str
 
     def to_wire(self) -> dict:
-        return {"peer_id": self.peer_id, "addrs": list(self.addrs), "session_id": self.session_id}
+        return {"peer_id": self.peer_id, "session_id": self.session_id}
 
     @classmethod
     def from_wire(cls, d: object, name: str = "next") -> "NextHop":
-        """Checked field by field: a peer names the next hop, and nothing it sends is trusted."""
+        """Checked field by field: a peer names the next hop, and nothing it sends is trusted. No addresses:
+        a server dials the next hop only where that peer's own signed announcement says it is."""
         if not isinstance(d, dict):
-            raise BadRequest(f"{name} must be {{peer_id, addrs, session_id}}")
-        peer_id, addrs, session_id = d.get("peer_id"), d.get("addrs", []), d.get("session_id")
-        for field_name, value in (("peer_id", peer_id), ("session_id", session_id)):
+            raise BadRequest(f"{name}: expected {{peer_id, session_id}}")
+        for field_name in ("peer_id", "session_id"):
+            value = d.get(field_name)
             if not isinstance(value, str) or not 0 < len(value) <= MAX_ID:
-                raise BadRequest(f"{name}.{field_name} must be a string of 1..{MAX_ID} characters")
-        if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS or not all(
-                isinstance(a, str) and len(a) <= MAX_ADDR for a in addrs):
-            raise BadRequest(f"{name}.addrs must be a list of at most {MAX_ADDRS} addresses")
-        return cls(peer_id, tuple(addrs), session_id)
+                raise BadRequest(f"{name}.{field_name}: expected a string of 1..{MAX_ID} characters")
+        return cls(d["peer_id"], d["session_id"])
 
-
-_SCALARS = {"int": int, "str": str, "float": (int, float), "bool": bool, "dict": dict, "list": list}
 
 
 # Control ---------------------------------------------------------------------------------------------
@@ -129,43 +191,43 @@ _SCALARS = {"int": int, "str": str, "float": (int, float), "bool": bool, "dict":
 class Ping(Message):
     """A round-trip probe (one stream carries many)."""
 
-    nonce: int
+    nonce: int = limits(0)
 
 
 @dataclass
 class Pong(Message):
     """The answer to a Ping, same nonce."""
 
-    nonce: int
+    nonce: int = limits(0)
 
 
 @dataclass
 class Probe(Message):
     """Link-rate probe: `payload` up, then `reply_bytes` back."""
-    payload: bytes
-    reply_bytes: int
+    payload: bytes = limits(length=MAX_PROBE)
+    reply_bytes: int = limits(0, MAX_PROBE)
 
 
 @dataclass
 class ProbeReply(Message):
     """The bytes a link probe asked for."""
 
-    payload: bytes
+    payload: bytes = limits(length=MAX_PROBE)
 
 
 @dataclass
 class SnapshotRequest(Message):
     """Ask a peer for its swarm table (a newcomer's first view)."""
 
-    model_id: str = ""  # empty: every model the peer knows
+    model_id: str = limits(length=256, default="")  # empty: every model the peer knows
 
 
 @dataclass
 class Snapshot(Message):
     """A peer's swarm table: announcements and how long ago each was heard."""
 
-    servers: list = field(default_factory=list)  # ServerInfo wire dicts
-    ages: list = field(default_factory=list)  # seconds since the sender last heard each one
+    servers: list = limits(length=MAX_ENTRIES, default_factory=list)  # signed announcements (net/announce.py)
+    ages: list = limits(length=MAX_ENTRIES, default_factory=list)  # seconds since the sender heard each one
 
 
 @dataclass
@@ -180,8 +242,8 @@ class InfoReply(Message):
     """A server's announcement, counters, and the cache length of each open session."""
 
     info: dict
-    counters: dict = field(default_factory=dict)
-    session_lengths: list = field(default_factory=list)  # tokens in each open session's cache, ascending
+    counters: dict = limits(length=256, default_factory=dict)
+    session_lengths: list = limits(length=MAX_ENTRIES, default_factory=list)  # each open session's cache tokens
 
 
 # Inference sessions -------------------------------------------------------------------------------
@@ -189,25 +251,30 @@ class InfoReply(Message):
 
 @dataclass
 class OpenSession(Message):
-    """Open an inference session on a server's blocks [start, end)."""
+    """Open an inference session on a server's blocks [start, end); the server names the session."""
 
-    session_id: str
-    start: int
-    end: int
-    max_length: int
-    batch_size: int = 1
-    compression: str = "none"
+    start: int = limits(0, MAX_BLOCK)
+    end: int = limits(1, MAX_BLOCK)
+    max_length: int = limits(1, MAX_INT)
+    batch_size: int = limits(1, 1024, default=1)
+    compression: str = limits(length=16, default="none")
     next: NextHop | None = None  # the next server's session, for pushes
     lora: dict | None = None  # LoraRef.to_wire(): adapters applied to every step of the session
+    prev: str = limits(length=MAX_ID, default="")  # the only peer whose pushes this session takes ("": none)
     NEXT_HOPS: ClassVar[tuple[str, ...]] = ("next",)
+
+    def validate(self) -> None:
+        if self.end <= self.start:
+            raise BadRequest(f"OpenSession: blocks {self.start}:{self.end} are empty")
 
 
 @dataclass
 class SessionOpened(Message):
-    """The server took the session (its cache is reserved)."""
+    """The server took the session (its cache is reserved) and named it: an unguessable id that only the
+    opener learns, and passes on to the server before it in the chain."""
 
-    session_id: str
-    max_length: int
+    session_id: str = limits(length=MAX_ID)
+    max_length: int = limits(1)
 
 
 @dataclass
@@ -215,14 +282,17 @@ class Step(Message):
     """New tokens' hidden states for a session, at the position the caches should hold."""
 
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
-    step_id: int
-    position: int  # the cache length this step expects
+    step_id: int = limits(0)
+    position: int = limits(0)  # the cache length this step expects
     hidden: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
-    session_id: str = ""  # set on pushes: which session of the receiving server
+    session_id: str = limits(length=MAX_ID, default="")  # set on pushes: which session of the receiving server
     want_output: bool = True  # False for replays: the answer is an acknowledgement without hidden states
+
+    def validate(self) -> None:
+        check_inputs(self)
 
 
 @dataclass
@@ -230,8 +300,8 @@ class StepResult(Message):
     """The last server's output for a step."""
 
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden",)
-    step_id: int
-    position: int
+    step_id: int = limits(0)
+    position: int = limits(0)
     hidden: torch.Tensor
 
 
@@ -239,7 +309,7 @@ class StepResult(Message):
 class HistoryRequest(Message):
     """Ask for the outputs a server kept for positions [0, before)."""
 
-    before: int  # positions [0, before) of what this session pushed
+    before: int = limits(0)  # positions [0, before) of what this session pushed
 
 
 @dataclass
@@ -261,6 +331,13 @@ class Relink(Message):
 
 
 @dataclass
+class Predecessor(Message):
+    """Take this session's pushes from `peer_id` from now on (a failover replaced the hop before it)."""
+
+    peer_id: str = limits(length=MAX_ID)
+
+
+@dataclass
 class CloseSession(Message):
     """The client is done: free the session's cache."""
 
@@ -275,15 +352,18 @@ class ForwardRequest(Message):
     """A training forward pass over blocks [start, end) (no session, no cache)."""
 
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "position_ids", "attention_mask", "prompts")
-    start: int
-    end: int
+    start: int = limits(0, MAX_BLOCK)
+    end: int = limits(1, MAX_BLOCK)
     hidden: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
-    compression: str = "none"
-    lora: dict | None = None  # LoraRef.to_wire(): adapters for blocks [start, end), by key, weights optional
-    keep: str = ""  # non-empty: keep the autograd graph for a BackwardRequest with the same `keep`
+    compression: str = limits(length=16, default="none")
+    lora: dict | None = None  # LoraRef.to_wire(): adapters for blocks [start, end), by hash, weights optional
+    keep: str = limits(length=MAX_KEY, default="")  # non-empty: keep the graph for the BackwardRequest with this key
+
+    def validate(self) -> None:
+        check_inputs(self)
 
 
 @dataclass
@@ -299,16 +379,22 @@ class BackwardRequest(Message):
     """A training backward pass: the forward's input and the output's gradient."""
 
     TENSORS: ClassVar[tuple[str, ...]] = ("hidden", "grad_output", "position_ids", "attention_mask", "prompts")
-    start: int
-    end: int
+    start: int = limits(0, MAX_BLOCK)
+    end: int = limits(1, MAX_BLOCK)
     hidden: torch.Tensor
     grad_output: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
-    compression: str = "none"
+    compression: str = limits(length=16, default="none")
     lora: dict | None = None
-    keep: str = ""  # the ForwardRequest's `keep`: reuse its graph instead of recomputing the forward
+    keep: str = limits(length=MAX_KEY, default="")  # the ForwardRequest's `keep`: reuse its graph
+
+    def validate(self) -> None:
+        check_inputs(self)
+        if self.grad_output.shape != self.hidden.shape:
+            raise BadRequest(f"BackwardRequest.grad_output: {list(self.grad_output.shape)} where the hidden "
+                             f"states' {list(self.hidden.shape)} is expected")
 
 
 @dataclass
@@ -318,4 +404,4 @@ class BackwardReply(Message):
     TENSORS: ClassVar[tuple[str, ...]] = ("grad_input", "grad_prompts")
     grad_input: torch.Tensor
     grad_prompts: torch.Tensor | None = None
-    grad_lora: list | None = None  # encoded tensors, in LoraWeights.tensors() order
+    grad_lora: list | None = limits(length=4096, default=None)  # encoded tensors, in LoraWeights.tensors() order

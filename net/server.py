@@ -22,7 +22,7 @@ from ..balancing.placement import (MIN_GAIN, MovePlan, Placed, blocks_for_memory
                                    reacts)
 from ..balancing.throughput import DEFAULT_BANDWIDTH, Measurement, network_rps, server_throughput
 from ..model.errors import BadRequest
-from ..model.lora import LoraWeights, load_peft
+from ..model.lora import LoraWeights, load_peft, lora_shapes
 from ..model.measure import (available_memory, block_bytes, cache_bytes_per_block, cached, default_budget,
                              measure_block, measurement_key, work_bytes)
 from ..model.quant import quantizer
@@ -34,22 +34,25 @@ from .adapters import AdapterCache
 from .codec import check_compression, encode_tensor
 from .messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
                        InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
+from .quotas import Quotas
 from .node import Node, NodeConfig, open_node, parse_peer_addr
 from .wire import short_id
 from .relay import PING_TIMEOUT, establish_reachability, is_circuit
 from .latency import RttTracker
 from .lane import ComputeLane
-from .sessions import MAX_BATCH, Sessions
-from .swarm import ServerInfo, ServerState, Swarm, open_swarm
+from .sessions import Sessions
+from .announce import ServerInfo, ServerState
+from .swarm import Swarm, open_swarm
 
 __all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit", "measure_link",
-           "measure_throughput", "assemble_span", "placed", "KeptGraphs", "Server", "relay_candidates",
+           "measure_throughput", "assemble_span", "placed", "KeptGraphs", "Server", "frame_bytes", "relay_candidates",
            "run_server"]
 
 log = logging.getLogger("mesh.server")
 
 MAX_NEIGHBOURS = 8
 MAX_PROBE_BYTES = 4 << 20
+SMALL_FRAME = 1 << 16  # requests that carry no tensors (ping, info)
 MAX_KEPT, KEEP_SECONDS = 32, 120.0  # forward graphs kept for training backwards
 REACT_WINDOW = 30.0  # s: a rebalancing check follows a server's departure within U(0, this)
 WARMUP_TOKENS = 256  # tokens of the warm-up pass after loading (a replay chunk's order of size)
@@ -78,6 +81,7 @@ class ServerConfig:
     idle_timeout: float = defaults.IDLE_TIMEOUT
     drain_timeout: float = 10.0  # how long a draining server waits for open sessions
     cache_dir: Path | None = None
+    quotas: Quotas = field(default_factory=Quotas)  # what one peer may take (net/quotas.py)
 
 
 @dataclass
@@ -172,13 +176,20 @@ def placed(infos: list[ServerInfo]) -> list[Placed]:
 
 
 class KeptGraphs:
-    """Forward graphs kept for the backward that follows (training), the newest MAX_KEPT for KEEP_SECONDS."""
+    """Forward graphs kept for the backward that follows (training): the newest `per_peer` of each peer
+    and MAX_KEPT in all, each for KEEP_SECONDS. Keys are (peer, the client's key): one peer never reaches
+    another's graphs."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_peer: int = 4) -> None:
+        self.per_peer = per_peer
         self._items: OrderedDict[tuple[str, str], tuple[float, object]] = OrderedDict()
 
     def put(self, key: tuple[str, str], value: object) -> None:
         self._items[key] = (time.monotonic() + KEEP_SECONDS, value)
+        self._items.move_to_end(key)
+        mine = [k for k in self._items if k[0] == key[0]]
+        for k in mine[:max(0, len(mine) - self.per_peer)]:
+            del self._items[k]
         while len(self._items) > MAX_KEPT:
             self._items.popitem(last=False)
 
@@ -209,13 +220,16 @@ class Server:
         self.moves = 0
         self.node = node
         self.swarm = swarm
-        self.lane = ComputeLane()
+        quotas = config.quotas
+        self.lane = ComputeLane(queued_tokens_per_peer=quotas.queued_tokens_per_peer, chunk=quotas.prefill_chunk)
+        self.frame_bytes = frame_bytes(quotas, source.config.hidden_size, source.num_blocks)
         self.sessions = Sessions(node, self.lane, config.cache_tokens, config.max_length, config.idle_timeout,
-                                 self._max_numel(), on_change=self.announce_soon)
+                                 self._max_numel(), quotas, on_change=self.announce_soon, frame_bytes=self.frame_bytes)
         self.training = TrainingCounters()
         self.state = ServerState.JOINING
-        self.adapters = AdapterCache(hosted)
-        self.graphs = KeptGraphs()
+        self.adapters = AdapterCache(hosted, per_peer=quotas.adapters_per_peer, max_rank=quotas.adapter_rank,
+                                     shapes=functools.lru_cache(maxsize=16)(functools.partial(lora_shapes, source.config)))
+        self.graphs = KeptGraphs(quotas.kept_graphs_per_peer)
         self._announce_now = trio.Event()
         self.rtt = RttTracker(node)
 
@@ -301,7 +315,10 @@ class Server:
             known = peers
             if trio.current_time() >= deadline:
                 deadline = trio.current_time() + rng.uniform(0, 2 * period)
-                await self._check(rng)
+                try:
+                    await self._check(rng)
+                except Exception as e:  # the table is peers' words: a bad one costs one check, not the server
+                    log.warning("rebalancing check failed: %s: %s", type(e).__name__, e)
 
     async def _check(self, rng: random.Random) -> None:
         """Move if balancing says so, and still says so a moment later (by then a server that decided at
@@ -348,25 +365,36 @@ class Server:
         self.node.set_handler("probe", self.handle_probe)
 
     def _max_numel(self) -> int:
-        return self.config.max_length * MAX_BATCH * self.source.config.hidden_size
+        return self.config.quotas.step_tokens * self.source.config.hidden_size
+
+    async def _read_request(self, stream, kind, timeout: float):
+        """A training request, its frame bounded in size and time like a session step's."""
+        frame = await wire.read_frame(stream, timeout=timeout, max_size=self.frame_bytes,
+                                      body_timeout=self.config.quotas.frame_seconds)
+        req = kind.from_wire(frame, max_numel=self._max_numel())
+        batch, tokens = req.hidden.shape[:2]
+        if batch * tokens > self.config.quotas.step_tokens or tokens > self.config.max_length:
+            raise BadRequest(f"{kind.TYPE}.hidden: {batch} × {tokens} tokens; at most {self.config.max_length} per "
+                             f"sequence and {self.config.quotas.step_tokens} per request")
+        return req
 
     async def handle_ping(self, stream) -> None:
         while True:  # one stream, many pings: RTT without stream-setup cost
             try:
-                frame = await wire.read_frame(stream, timeout=30)
+                frame = await wire.read_frame(stream, timeout=30, max_size=SMALL_FRAME, body_timeout=5)
             except wire.StreamClosed:
                 return
             ping = Ping.from_wire(frame)
             await wire.write_frame(stream, Pong(ping.nonce).to_wire())
 
     async def handle_probe(self, stream) -> None:
-        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30))
+        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30, max_size=MAX_PROBE_BYTES + SMALL_FRAME))
         if not 0 <= probe.reply_bytes <= MAX_PROBE_BYTES:
             raise BadRequest(f"probe reply of {probe.reply_bytes} bytes; at most {MAX_PROBE_BYTES}")
         await wire.write_frame(stream, ProbeReply(bytes(probe.reply_bytes)).to_wire(), timeout=30)
 
     async def handle_info(self, stream) -> None:
-        InfoRequest.from_wire(await wire.read_frame(stream, timeout=10))
+        InfoRequest.from_wire(await wire.read_frame(stream, timeout=10, max_size=SMALL_FRAME))
         counters = (vars(self.sessions.counters) | vars(self.training)
                     | {"compute_seconds": self.lane.seconds, "cache_tokens_used": self.sessions.budget.used})
         await wire.write_frame(stream, InfoReply(self.info().to_wire(), counters, self.sessions.lengths()).to_wire())
@@ -377,36 +405,40 @@ class Server:
         return self.span.sub(start, end)
 
     async def handle_forward(self, stream) -> None:
-        req = ForwardRequest.from_wire(await wire.read_frame(stream, timeout=60), max_numel=self._max_numel())
+        req = await self._read_request(stream, ForwardRequest, 60)
         self._check_serving()
         span = self._sub_span(req.start, req.end)
         check_compression(req.compression)
-        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
+        peer = _peer(stream)
+        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel(), peer)
+        tokens = req.hidden.shape[0] * req.hidden.shape[1]
         if req.keep:
             graph = await self.lane.run(lambda: span.forward_with_graph(req.hidden, req.position_ids,
-                                                                        req.attention_mask, req.prompts, lora))
-            self.graphs.put((_peer(stream), req.keep), (req.start, req.end, graph))
+                                                                        req.attention_mask, req.prompts, lora),
+                                        tokens=tokens, peer=peer)
+            self.graphs.put((peer, req.keep), (req.start, req.end, graph))
             out = graph.output.detach().to(req.hidden.dtype)
         else:
             out = await self.lane.run(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
-                                                   req.prompts, lora).to(req.hidden.dtype))
+                                                   req.prompts, lora).to(req.hidden.dtype), tokens=tokens, peer=peer)
         self.training.forwards += 1
         await wire.write_frame(stream, ForwardReply(out).to_wire(req.compression))
 
     async def handle_backward(self, stream) -> None:
-        req = BackwardRequest.from_wire(await wire.read_frame(stream, timeout=60), max_numel=self._max_numel())
+        req = await self._read_request(stream, BackwardRequest, 60)
         self._check_serving()
         span = self._sub_span(req.start, req.end)
         check_compression(req.compression)
-        if req.grad_output.shape != req.hidden.shape:
-            raise BadRequest(f"grad_output {list(req.grad_output.shape)} must match hidden {list(req.hidden.shape)}")
-        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel())
-        kept = self.graphs.pop((_peer(stream), req.keep)) if req.keep else None
+        peer = _peer(stream)
+        lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel(), peer)
+        kept = self.graphs.pop((peer, req.keep)) if req.keep else None
+        tokens = req.hidden.shape[0] * req.hidden.shape[1]
         if kept is not None and kept[:2] == (req.start, req.end) and kept[2].output.shape == req.grad_output.shape:
-            grads = await self.lane.run(lambda: kept[2].backward(req.grad_output))
+            grads = await self.lane.run(lambda: kept[2].backward(req.grad_output), tokens=tokens, peer=peer)
         else:  # nothing kept (another server ran the forward, or it expired): recompute it
             grads = await self.lane.run(lambda: span.backward(req.hidden, req.grad_output, req.position_ids,
-                                                              req.attention_mask, req.prompts, lora))
+                                                              req.attention_mask, req.prompts, lora),
+                                        tokens=tokens, peer=peer)
         self.training.backwards += 1
         reply = BackwardReply(grads.hidden.to(req.hidden.dtype),
                               grads.prompts.to(req.hidden.dtype) if grads.prompts is not None else None,
@@ -418,10 +450,11 @@ class Server:
             raise wire.Unavailable(f"server is {self.state.name}", hint="use another server")
 
     async def handle_inference(self, stream) -> None:
-        opened = OpenSession.from_wire(await wire.read_frame(stream, timeout=30))
+        opened = OpenSession.from_wire(await wire.read_frame(stream, timeout=30, max_size=self.frame_bytes,
+                                                             body_timeout=self.config.quotas.frame_seconds))
         self._check_serving()
         span = self._sub_span(opened.start, opened.end)
-        lora = self.adapters.resolve(opened.lora, opened.start, opened.end, self._max_numel())
+        lora = self.adapters.resolve(opened.lora, opened.start, opened.end, self._max_numel(), _peer(stream))
         await self.sessions.serve(stream, opened, span, lora)
 
     async def drain(self) -> None:
@@ -430,6 +463,13 @@ class Server:
         await self.sessions.wait_closed(self.config.drain_timeout)
         await self.set_state(ServerState.OFFLINE)
         await self.swarm.flush()
+
+
+def frame_bytes(quotas: Quotas, hidden_size: int, num_blocks: int) -> int:
+    """The largest frame a server reads: a step's or training call's tensors, or an adapter's weights (up
+    to the largest rank, over targets whose features sum to at most 16 × hidden, on every block)."""
+    adapter = quotas.adapter_rank * 16 * hidden_size * 4 * num_blocks
+    return max(quotas.frame_bytes(hidden_size), adapter + (1 << 20))
 
 
 def relay_candidates(swarm: Swarm, node_config: NodeConfig) -> list[tuple[str, list[str]]]:

@@ -4,6 +4,11 @@
 `busy` answered, never queued), routes pushed steps to it, computes its steps in the compute lane, and
 keeps the counters `mesh status` and the info call report. `ServerSession` is one session.
 
+A session belongs to the peer that opened it. The server names it (an unguessable id the opener passes on
+to the server before it in the chain), and takes pushes for it only from the one peer the opener named as
+its predecessor (`OpenSession.prev`, changed by `Predecessor` after a failover); its cache tokens, the
+count of open sessions and the work waiting in the compute lane are charged to its opener (`net/quotas.py`).
+
 Steps reach a session from two places: its client's stream and the push stream of the previous server.
 Both feed one inbox, so steps are processed one at a time in arrival order; the position each step
 carries makes them idempotent (a cache that is ahead is rolled back), which is what makes replays after
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -29,8 +35,9 @@ from ..model.span import Span, SpanCache
 from . import wire
 from .codec import check_compression
 from .lane import ComputeLane
-from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Relink,
-                       SessionOpened, Step, StepResult)
+from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Predecessor,
+                       Relink, SessionOpened, Step, StepResult)
+from .quotas import PeerLedger, Quotas
 from .node import Node, PeerUnavailable
 from .wire import short_id
 from .relay import is_relayed
@@ -42,6 +49,7 @@ log = logging.getLogger("mesh.session")
 
 INBOX = 64
 MAX_BATCH = 64
+PREDECESSOR_WAIT = 2.0  # s a push from an unexpected peer waits for the opener's `Predecessor` naming it
 StepFn = Callable[[Span, SpanCache, Step], Awaitable[torch.Tensor]]
 
 
@@ -58,6 +66,7 @@ class SessionCounters:
     pushes_relayed: int = 0  # of those, sent over a connection through a relay
     errors: int = 0
     busy_refusals: int = 0
+    pushes_refused: int = 0  # pushes from a peer that is not the session's predecessor, or to no session
 
 
 class CacheBudget:
@@ -85,11 +94,15 @@ class Sessions:
     """A server's open sessions, the cache budget they share, and their counters."""
 
     def __init__(self, node: Node, lane: ComputeLane, cache_tokens: int, max_length: int, idle_timeout: float,
-                 max_numel: int, on_change: Callable[[], None] = lambda: None) -> None:
+                 max_numel: int, quotas: Quotas = Quotas(), on_change: Callable[[], None] = lambda: None,
+                 frame_bytes: int = wire.MAX_FRAME) -> None:
         self.node, self.lane = node, lane
         self.budget = CacheBudget(cache_tokens)
         self.counters = SessionCounters()
         self.max_length, self.idle_timeout, self.max_numel = max_length, idle_timeout, max_numel
+        self.quotas, self.frame_bytes = quotas, frame_bytes
+        self.peer_cache = PeerLedger("cache tokens", max(max_length, quotas.peer_cache_share * cache_tokens))
+        self.peer_sessions = PeerLedger("open sessions", quotas.sessions_per_peer)
         self.on_change = on_change  # the free cache changed: announce soon
         self._open: dict[str, ServerSession] = {}
 
@@ -104,56 +117,79 @@ class Sessions:
         """Admit the session `opened` on `stream`, answer it, and run it until it closes."""
         check_compression(opened.compression)
         if not 1 <= opened.batch_size <= MAX_BATCH:
-            raise BadRequest(f"batch_size {opened.batch_size} is outside 1..{MAX_BATCH}")
+            raise BadRequest(f"OpenSession.batch_size: {opened.batch_size} is outside 1..{MAX_BATCH}")
         if not 1 <= opened.max_length <= self.max_length:
-            raise BadRequest(f"max_length {opened.max_length} is outside 1..{self.max_length}")
+            raise BadRequest(f"OpenSession.max_length: {opened.max_length} is outside 1..{self.max_length}")
+        owner = stream.muxed_conn.peer_id.to_base58()
         tokens = opened.max_length * opened.batch_size
         try:
-            self.budget.reserve(tokens)
+            self.peer_sessions.charge(owner, 1)
+            try:
+                self.peer_cache.charge(owner, tokens)
+                try:
+                    self.budget.reserve(tokens)
+                except wire.Busy:
+                    self.peer_cache.refund(owner, tokens)
+                    raise
+            except wire.Busy:
+                self.peer_sessions.refund(owner, 1)
+                raise
         except wire.Busy:
             self.counters.busy_refusals += 1
             raise
+        session_id = secrets.token_urlsafe(18)
         self.on_change()
         self.counters.sessions_opened += 1
         self.counters.sessions_open += 1
-        log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", opened.session_id[:8],
-                 short_id(stream.muxed_conn.peer_id.to_base58()), span.start, span.end, opened.batch_size,
-                 opened.max_length)
-        session = ServerSession(self.node, opened, span, stream, functools.partial(self.step, lora=lora),
-                                self.counters, self.idle_timeout, self.max_numel)
+        log.info("session %s from %s: blocks %d:%d, batch %d, max_length %d", session_id[:8], short_id(owner),
+                 span.start, span.end, opened.batch_size, opened.max_length)
+        session = ServerSession(self, session_id, owner, opened, span, stream,
+                                functools.partial(self.step, lora=lora, peer=owner))
         try:
-            self._open[opened.session_id] = session
-            await wire.write_frame(stream, SessionOpened(opened.session_id, opened.max_length).to_wire())
+            self._open[session_id] = session
+            await wire.write_frame(stream, SessionOpened(session_id, opened.max_length).to_wire())
             await session.run()
         finally:
-            self._open.pop(opened.session_id, None)
+            self._open.pop(session_id, None)
             self.budget.release(tokens)
+            self.peer_cache.refund(owner, tokens)
+            self.peer_sessions.refund(owner, 1)
             self.counters.sessions_open -= 1
             self.on_change()
-            log.info("session %s closed", opened.session_id[:8])
+            log.info("session %s closed", session_id[:8])
 
-    async def step(self, span: Span, cache: SpanCache, step: Step, lora: LoraWeights | None = None) -> torch.Tensor:
-        """One step of a session: its position checked against the cache, then the span, in the lane."""
+    async def step(self, span: Span, cache: SpanCache, step: Step, lora: LoraWeights | None = None,
+                   peer: str = "") -> torch.Tensor:
+        """One step of a session: its position checked against the cache, then the span in the lane, a long
+        step in chunks (other peers' work runs between them). Charged to `peer`, the session's opener."""
+        batch, new = step.hidden.shape[:2]
+        if batch * new > self.quotas.step_tokens:
+            raise BadRequest(f"Step.hidden: {batch} × {new} tokens; at most {self.quotas.step_tokens} per step")
         cache.start_at(step.position)  # steps of a session come one at a time: its cache is its own
-
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                out = span(step.hidden, step.position_ids, cache, step.attention_mask, step.prompts, lora)
-            return out.to(step.hidden.dtype)
-
-        return await self.lane.run(run, tokens=step.hidden.shape[0] * step.hidden.shape[1])
+        outputs, a = [], 0
+        while a < new or not outputs:
+            b = min(new, a + max(1, self.lane.chunk_tokens(peer) // batch))
+            outputs.append(await self.lane.run(functools.partial(_run_chunk, span, cache, step, a, b, lora),
+                                               tokens=batch * (b - a), peer=peer))
+            a = b
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def handle_push(self, stream) -> None:
-        """Steps pushed by the previous server of a chain, each addressed to one of our sessions."""
+        """Steps pushed by the previous server of a chain, each to one of our sessions that names the
+        pushing peer as its predecessor; anything else is answered with an error and dropped."""
+        sender = stream.muxed_conn.peer_id.to_base58()
         while True:
             try:
-                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60)
+                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60, max_size=self.frame_bytes,
+                                              body_timeout=self.quotas.frame_seconds)
             except wire.StreamClosed:
                 return
             step = Step.from_wire(frame, max_numel=self.max_numel)
             session = self._open.get(step.session_id)
-            if session is None:
-                err = BadRequest(f"no session {step.session_id[:8]} here", hint="it expired or was never opened")
+            if session is None or not await session.takes_pushes_from(sender):
+                self.counters.pushes_refused += 1
+                err = BadRequest(f"no session {step.session_id[:8]} of yours here",
+                                 hint="pushes go only to a session whose opener named you as its predecessor")
                 await wire.write_frame(stream, wire.error_frame(err, step_id=step.step_id))
                 continue
             await session.deliver_push(step)
@@ -167,20 +203,34 @@ class Sessions:
             session.cancel()
 
 
+def _run_chunk(span: Span, cache: SpanCache, step: Step, a: int, b: int, lora: LoraWeights | None) -> torch.Tensor:
+    """Tokens [a, b) of a step through the span (deep prompts cover the step's first positions)."""
+    prompts = step.prompts[:, :, a:b] if step.prompts is not None and a < step.prompts.shape[2] else None
+    mask = step.attention_mask[:, a:b] if step.attention_mask is not None else None
+    with torch.no_grad():
+        out = span(step.hidden[:, a:b], step.position_ids[:, a:b], cache, mask, prompts, lora)
+    return out.to(step.hidden.dtype)
+
+
 class ServerSession:
     """One session: its cache, its inbox (client steps and pushed steps, in arrival order), its push link."""
 
-    def __init__(self, node: Node, opened: OpenSession, span: Span, client_stream, step_fn: StepFn,
-                 counters: SessionCounters, idle_timeout: float, max_numel: int) -> None:
-        self.node = node
+    def __init__(self, owner: Sessions, session_id: str, peer: str, opened: OpenSession, span: Span,
+                 client_stream, step_fn: StepFn) -> None:
+        self.node = owner.node
+        self.id = session_id
+        self.peer = peer  # who opened it: only its stream controls the session
+        self.prev = opened.prev  # the only peer whose pushes it takes
+        self._prev_changed = trio.Event()
         self.opened = opened
         self.span = span
         self.cache = span.new_cache(opened.batch_size, opened.max_length)
         self.client_stream = client_stream
         self.step_fn = step_fn
-        self.counters = counters
-        self.idle_timeout = idle_timeout
-        self.max_numel = max_numel
+        self.counters = owner.counters
+        self.idle_timeout = owner.idle_timeout
+        self.max_numel = owner.max_numel
+        self.frame_bytes, self.frame_seconds = owner.frame_bytes, owner.quotas.frame_seconds
         self.next: NextHop | None = opened.next
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[tuple[str, Step]](INBOX)
         self._client_lock = trio.Lock()
@@ -189,10 +239,6 @@ class ServerSession:
         self._push_relayed = False  # whether the push stream's connection goes through a relay
         self._cancel = trio.CancelScope()
         self.outputs: list[Step] = []  # pushed outputs, in position order
-
-    @property
-    def id(self) -> str:
-        return self.opened.session_id
 
     def cancel(self) -> None:
         self._cancel.cancel()
@@ -207,13 +253,22 @@ class ServerSession:
             finally:
                 await self._close_push()
 
+    async def takes_pushes_from(self, peer: str) -> bool:
+        """Whether `peer` is this session's predecessor; waits briefly for a `Predecessor` naming it, which
+        the opener may have sent on another connection at the same time as the push was made."""
+        with trio.move_on_after(PREDECESSOR_WAIT):
+            while self.prev != peer:
+                await self._prev_changed.wait()
+        return self.prev == peer
+
     async def deliver_push(self, step: Step) -> None:
         await self.inbox_send.send(("push", step))
 
     async def _read_client(self, done: trio.CancelScope) -> None:
         while True:
             try:
-                frame = await wire.read_frame(self.client_stream, timeout=self.idle_timeout)
+                frame = await wire.read_frame(self.client_stream, timeout=self.idle_timeout,
+                                              max_size=self.frame_bytes, body_timeout=self.frame_seconds)
                 msg = Message.from_wire(wire.raise_if_error(frame), max_numel=self.max_numel)
             except (wire.StreamClosed, wire.FrameTimeout):
                 done.cancel()
@@ -226,6 +281,11 @@ class ServerSession:
                 return
             if isinstance(msg, HistoryRequest):
                 await self._send_client(self.history(msg.before).to_wire(self.opened.compression))
+                continue
+            if isinstance(msg, Predecessor):
+                self.prev = msg.peer_id
+                self._prev_changed.set()
+                self._prev_changed = trio.Event()
                 continue
             if isinstance(msg, Relink):
                 await self._close_push()
@@ -286,11 +346,11 @@ class ServerSession:
             self.counters.pushes_relayed += self._push_relayed
         except (MeshError, trio.TooSlowError) as e:
             await self._close_push()
-            failed = PeerUnavailable(f"push to {short_id(nxt['peer_id'])} failed: {e}".splitlines()[0])
+            failed = PeerUnavailable(f"push to {short_id(nxt.peer_id)} failed: {e}".splitlines()[0])
             await self._send_client(wire.error_frame(failed, step_id=step.step_id, peer_id=nxt.peer_id))
 
     async def _open_push(self, nxt: NextHop) -> None:
-        self.node.remember(nxt.peer_id, list(nxt.addrs))
+        # dialled only where the swarm (the peer's own signed announcement) or the peerstore says it is
         stack = AsyncExitStack()
         self._push_stream = await stack.enter_async_context(self.node.stream(nxt.peer_id, "push", timeout=10))
         self._push_stack = stack
@@ -299,14 +359,26 @@ class ServerSession:
         self.node.nursery.start_soon(self._read_push_errors, self._push_stream, nxt.peer_id)
 
     async def _read_push_errors(self, stream, peer_id: str) -> None:
+        """Errors the next server reports on the push stream, passed on to our client as that server's.
+        The next server is a peer like any other: what it writes is re-made, never forwarded as it is."""
         while True:
             try:
-                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60)
+                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60, max_size=1 << 16,
+                                              body_timeout=10)
             except wire.WireError:
                 return
-            if isinstance(frame, dict) and "error" in frame:
-                frame["error"].setdefault("peer_id", peer_id)
-                await self._send_client(frame)
+            try:
+                wire.raise_if_error(frame)
+            except MeshError as e:  # the client reroutes around the next hop, whatever it said
+                step_id = getattr(e, "step_id", None)
+                failed = PeerUnavailable(f"next hop {short_id(peer_id)}: {e.one_line()}"[:300])
+                await self._send_client(wire.error_frame(failed, peer_id=peer_id, **(
+                    {"step_id": step_id} if step_id is not None else {})))
+                continue
+            log.info("session %s: %s wrote a non-error frame on the push stream; dropping the link",
+                     self.id[:8], short_id(peer_id))
+            await wire.reset_quietly(stream)
+            return
 
     async def _close_push(self) -> None:
         stack, self._push_stack, self._push_stream = self._push_stack, None, None

@@ -1,12 +1,13 @@
 """Who serves what: ServerInfo announcements, the live swarm table, and how a node learns it.
 
 Why each mechanism:
-- **GossipSub** (topic `mesh/<model_id>/servers`) carries every server's ServerInfo every few seconds and
-  at once on each state change. It reaches all followers within tens of milliseconds, messages are signed
-  (a validator checks the announced peer id is the signer), and a dead server simply stops talking, so
-  entries expire on their own (soft state with a TTL).
+- **GossipSub** (topic `mesh/<model_id>/servers`) carries every server's signed ServerInfo
+  (`net/announce.py`) every few seconds and at once on each state change. It reaches all followers within
+  tens of milliseconds, a validator drops what the announced peer did not sign, and a dead server simply
+  stops talking, so entries expire on their own (soft state with a TTL).
 - **Snapshot** (`/mesh/swarm/1.0.0`): gossip only carries what is said after one subscribes, so a newcomer
-  asks any peer for its current table and has it at once instead of after the next round.
+  asks any peer for its current table and has it at once instead of after the next round. A snapshot holds
+  the entries as their authors signed them, so the peer answering cannot forge or alter one.
 - **Kademlia DHT**: servers `provide` the key `mesh-model-<model_id>`. A node whose bootstrap peer does not
   follow that model (a relay, another model's server) finds the model's servers through the DHT, connects
   to one and asks it for the snapshot. The DHT also routes to a peer by id. It is not used for live load
@@ -15,86 +16,26 @@ Why each mechanism:
 
 from __future__ import annotations
 
-import enum
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, fields
 from typing import AsyncIterator, Callable
 
-import msgpack
 import trio
 from libp2p.peer.id import ID
 
+from ..model.errors import MeshError
 from . import wire
+from .announce import MAX_RECORD, ServerInfo, ServerState, SignedInfo
 from .messages import Snapshot, SnapshotRequest
 from .node import Node
 from .wire import short_id
 
-__all__ = ["ServerState", "ServerInfo", "topic", "provider_key", "SwarmTable", "Swarm", "open_swarm",
+__all__ = ["topic", "provider_key", "SwarmTable", "Swarm", "open_swarm",
            "coverage_summary", "block_ranges"]
 
 log = logging.getLogger("mesh.swarm")
-
-
-class ServerState(enum.IntEnum):
-    """A server's lifecycle as announced: clients route only to ONLINE servers."""
-
-    OFFLINE = 0
-    JOINING = 1
-    DRAINING = 2
-    ONLINE = 3
-
-
-@dataclass
-class ServerInfo:
-    """A server's announcement: its blocks, state, throughput, addresses and what it runs."""
-
-    peer_id: str
-    model_id: str
-    start: int
-    end: int
-    state: ServerState = ServerState.JOINING
-    addrs: list[str] = field(default_factory=list)
-    throughput: float = 0.0  # per-block tokens/s for balancing (balancing/throughput.py)
-    inference_rps: float = 0.0  # single-token decode steps/s of one block (routing: k blocks take k / this)
-    forward_rps: float = 0.0  # tokens/s of one block on long sequences
-    network_rps: float = 0.0  # hidden states/s its link carries
-    cache_tokens_free: int = 0
-    dtype: str = "float32"
-    quant: str = "none"
-    version: str = ""
-    public_name: str = ""
-    relayed: bool = False
-    next_pings: dict[str, float] = field(default_factory=dict)  # peer id -> RTT s
-    adapters: list[str] = field(default_factory=list)
-    total_blocks: int = 0  # blocks of the whole model, so a table shows coverage without the model
-    timestamp: float = 0.0
-    ttl: float = 15.0
-
-    @property
-    def num_blocks(self) -> int:
-        return self.end - self.start
-
-    def to_wire(self) -> dict:
-        out = asdict(self)
-        out["state"] = self.state.name
-        return out
-
-    @classmethod
-    def from_wire(cls, d: object) -> "ServerInfo":
-        """Unknown fields are ignored (newer peers), missing optional ones take defaults."""
-        if not isinstance(d, dict):
-            raise ValueError("server info is not a map")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        values["state"] = ServerState[str(values.get("state", "JOINING"))]
-        info = cls(**values)
-        if not (isinstance(info.start, int) and isinstance(info.end, int) and 0 <= info.start < info.end):
-            raise ValueError(f"bad span {info.start}:{info.end}")
-        if not isinstance(info.peer_id, str) or not isinstance(info.model_id, str):
-            raise ValueError("bad ids")
-        return info
 
 
 def topic(model_id: str) -> str:
@@ -120,16 +61,19 @@ class SwarmTable:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._entries: dict[str, ServerInfo] = {}
+        self._signed: dict[str, SignedInfo] = {}  # each entry as its author signed it, for snapshots
         self._heard: dict[str, float] = {}  # peer id -> when this node last heard it (self.clock)
         self.changed = trio.Event()
 
-    def update(self, info: ServerInfo, age: float = 0.0) -> None:
-        """Merge an announcement heard `age` seconds ago (0: just now, from its own author)."""
+    def update(self, info: ServerInfo, age: float = 0.0, signed: SignedInfo | None = None) -> None:
+        """Merge an announcement heard `age` seconds ago (0: just now, from its own author); `signed` is
+        how its author signed it (kept for snapshots; entries without one are never passed on)."""
         old = self._entries.get(info.peer_id)
         if old is not None and old.timestamp > info.timestamp:
             return  # a late copy of an older announcement
         if info.state == ServerState.OFFLINE:
             self._entries.pop(info.peer_id, None)
+            self._signed.pop(info.peer_id, None)
             self._heard.pop(info.peer_id, None)
         else:
             heard = self.clock() - min(max(age, 0.0), info.ttl)
@@ -139,14 +83,23 @@ class SwarmTable:
                 heard = min(heard, self._heard.get(info.peer_id, heard))
             self._entries[info.peer_id] = info
             self._heard[info.peer_id] = heard
+            if signed is not None:
+                self._signed[info.peer_id] = signed
+            else:
+                self._signed.pop(info.peer_id, None)
         self._notify()
 
     def age(self, peer_id: str) -> float:
         """Seconds since this node last heard `peer_id`'s announcement."""
         return self.clock() - self._heard[peer_id]
 
+    def signed(self, peer_id: str) -> SignedInfo | None:
+        """The entry of `peer_id` as its author signed it (None for entries made locally, e.g. in tests)."""
+        return self._signed.get(peer_id)
+
     def remove(self, peer_id: str) -> None:
         self._heard.pop(peer_id, None)
+        self._signed.pop(peer_id, None)
         if self._entries.pop(peer_id, None) is not None:
             self._notify()
 
@@ -214,26 +167,35 @@ class Swarm:
         self.node.nursery.start_soon(self._drain, sub, name)
 
     async def _drain(self, sub, name: str) -> None:
-        # Drain at once: the subscription queue holds only 32 messages before dropping.
+        """Merge announcements as they come (at once: a subscription queue drops past its depth). Each is
+        a peer's bytes: one that fails to check is logged with its sender and dropped, never fatal."""
         while True:
             msg = await sub.get()
+            sender = _sender(msg)
             try:
-                info = ServerInfo.from_wire(msgpack.unpackb(msg.data, raw=False))
-            except Exception as e:
-                log.debug("ignoring a malformed announcement on %s: %s", name, e)
-                continue
-            if info.peer_id != self.node.peer_id:
-                self.node.remember(info.peer_id, info.addrs)
-            self.table.update(info)
+                signed, info = SignedInfo.open(msg.data)
+                if info.model_id != name.split("/")[1]:
+                    raise wire.MalformedFrame(f"announcement of {info.model_id[:40]!r} on {name}")
+                self._learn(info, 0.0, signed)
+            except MeshError as e:
+                log.info("dropped an announcement from %s: %s", sender, e.one_line())
+            except Exception as e:  # a bug of ours on a peer's bytes: still only that item is lost
+                log.warning("dropped an announcement from %s: %s: %s", sender, type(e).__name__, e)
+
+    def _learn(self, info: ServerInfo, age: float, signed: SignedInfo) -> None:
+        if info.peer_id != self.node.peer_id:
+            self.node.remember(info.peer_id, info.addrs)
+            self.table.update(info, age, signed)
 
     async def announce(self, info: ServerInfo) -> None:
         info.timestamp = time.time()
         info.peer_id = self.node.peer_id
         info.addrs = self.node.join_addrs()
-        self.table.update(info)
+        signed = SignedInfo.sign(info, self.node.host.get_private_key())
+        self.table.update(info, 0.0, signed)
         await self.follow(info.model_id)
         try:
-            await self.node.pubsub.publish(topic(info.model_id), msgpack.packb(info.to_wire(), use_bin_type=True))
+            await self.node.pubsub.publish(topic(info.model_id), signed.to_bytes())
         except Exception as e:  # no peers yet, or the router is closing
             log.debug("announce: %s", e)
         if info.state == ServerState.ONLINE and info.model_id not in self._provided:
@@ -258,9 +220,10 @@ class Swarm:
 
     def serve_snapshots(self) -> None:
         async def handle(stream) -> None:
-            req = SnapshotRequest.from_wire(await wire.read_frame(stream, timeout=10))
-            infos = self.table.all(req.model_id or None)
-            reply = Snapshot([i.to_wire() for i in infos], [round(self.table.age(i.peer_id), 3) for i in infos])
+            req = SnapshotRequest.from_wire(await wire.read_frame(stream, timeout=10, max_size=1 << 12))
+            signed = [(s, i) for i in self.table.all(req.model_id or None)
+                      if (s := self.table.signed(i.peer_id)) is not None]
+            reply = Snapshot([s.to_bytes() for s, _ in signed], [round(self.table.age(i.peer_id), 3) for _, i in signed])
             await wire.write_frame(stream, reply.to_wire())
 
         self.node.set_handler("swarm", handle)
@@ -271,15 +234,16 @@ class Swarm:
                                         reply=Snapshot)
         count = 0
         ages = reply.ages if len(reply.ages) == len(reply.servers) else [None] * len(reply.servers)
-        for d, age in zip(reply.servers, ages):
+        for raw, age in zip(reply.servers, ages):
             try:
-                info = ServerInfo.from_wire(d)
-            except Exception:
+                signed, info = SignedInfo.open(raw)
+            except MeshError as e:
+                log.info("dropped a snapshot entry from %s: %s", short_id(peer_id), e.one_line())
                 continue
+            if not isinstance(age, (int, float)) or isinstance(age, bool) or not math.isfinite(age):
+                age = info.ttl / 3  # without the sender's age, assume the worst but one announcement period
             if info.peer_id != self.node.peer_id:
-                self.node.remember(info.peer_id, info.addrs)
-                # without the sender's age (an older peer), assume the worst but one announcement period
-                self.table.update(info, age if isinstance(age, (int, float)) else info.ttl / 3)
+                self._learn(info, age, signed)
                 count += 1
         return count
 
@@ -349,12 +313,19 @@ class Swarm:
 
 
 def _signed_by_announcer(forwarder: ID, msg) -> bool:
-    """Accept only announcements whose peer id is the message's (signature-checked) author."""
+    """Relay only announcements signed by the peer they describe, published by that peer itself."""
     try:
-        data = msgpack.unpackb(msg.data, raw=False)
-        return isinstance(data, dict) and data.get("peer_id") == ID(msg.from_id).to_base58()
+        _, info = SignedInfo.open(msg.data)
+        return len(msg.data) <= MAX_RECORD and info.peer_id == ID(msg.from_id).to_base58()
     except Exception:
         return False
+
+
+def _sender(msg) -> str:
+    try:
+        return short_id(ID(msg.from_id).to_base58())
+    except Exception:
+        return "?"
 
 
 @asynccontextmanager

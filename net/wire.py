@@ -24,6 +24,7 @@ __all__ = ["PROTOCOL_VERSION", "ByteStream", "TrioByteStream", "protocol_id", "W
 PROTOCOL_VERSION = "1.0.0"
 MAX_FRAME = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
+BODY_TIMEOUT = 30.0  # a frame, once its header arrived, must arrive whole within this
 _LENGTH = struct.Struct(">I")
 
 
@@ -181,16 +182,22 @@ async def write_frame(stream: ByteStream, obj: Any, *, timeout: float = DEFAULT_
     return len(data)
 
 
-async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, max_size: int = MAX_FRAME) -> Any:
-    """Read one frame within `timeout` seconds; the size limit is checked before allocating."""
+async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, max_size: int = MAX_FRAME,
+                     body_timeout: float = BODY_TIMEOUT) -> Any:
+    """Read one frame: its header within `timeout` s (an idle wait), then its body within `body_timeout`
+    s (a peer that begins a frame must finish it); the size limit is checked before allocating."""
     try:
         with trio.fail_after(timeout):
             (size,) = _LENGTH.unpack(await read_exact(stream, 4))
-            if size > max_size:
-                raise FrameTooLarge(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+    except trio.TooSlowError as e:
+        raise FrameTimeout(f"no frame within {timeout:.1f} s") from e
+    if size > max_size:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+    try:
+        with trio.fail_after(min(timeout, body_timeout)):
             payload = await read_exact(stream, size)
     except trio.TooSlowError as e:
-        raise FrameTimeout(f"no complete frame within {timeout:.1f} s") from e
+        raise FrameTimeout(f"a frame of {size} bytes did not arrive within {min(timeout, body_timeout):.1f} s") from e
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as e:
@@ -207,13 +214,16 @@ def error_frame(exc: BaseException, **context: object) -> dict:
 
 
 def raise_if_error(frame: Any) -> Any:
-    """Return `frame` unless it is an error frame, which is raised as its typed exception."""
-    if isinstance(frame, dict) and "error" in frame and isinstance(frame["error"], dict):
-        err = frame["error"]
-        cls = ERRORS.get(str(err.get("code")), RemoteError)
-        exc = cls(f"remote: {err.get('message', '')}", hint=str(err.get("hint") or ""))
-        exc.step_id = err.get("step_id")  # type: ignore[attr-defined]
-        exc.peer_id = err.get("peer_id")  # type: ignore[attr-defined]
+    """Return `frame` unless it is an error frame, which is raised as its typed exception. A peer writes
+    the error, so each of its fields is checked: a malformed error is still an error, never a crash."""
+    if isinstance(frame, dict) and "error" in frame:
+        err = frame["error"] if isinstance(frame["error"], dict) else {"message": str(frame["error"])[:200]}
+        code, message, hint = (err.get(k) for k in ("code", "message", "hint"))
+        cls = ERRORS.get(code, RemoteError) if isinstance(code, str) else RemoteError
+        exc = cls(f"remote: {str(message)[:500]}", hint=str(hint or "")[:200])
+        step_id, peer_id = err.get("step_id"), err.get("peer_id")
+        exc.step_id = step_id if isinstance(step_id, int) and not isinstance(step_id, bool) else None  # type: ignore[attr-defined]
+        exc.peer_id = peer_id if isinstance(peer_id, str) and len(peer_id) <= 128 else None  # type: ignore[attr-defined]
         raise exc
     return frame
 

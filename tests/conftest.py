@@ -87,7 +87,7 @@ def tiny30(tmp_path_factory):
 # Groups of server processes shared by several modules. Their users run one after another (the
 # collection is reordered) and each group is stopped right after its last user: idle servers still
 # gossip, and a dozen of them would take a core from every test that runs beside them.
-SHARED = ("pool", "smol_swarm")
+SHARED = ("pool", "smol_swarm", "victims")
 _stoppers: dict[str, Callable[[], None]] = {}
 _last_users = pytest.StashKey[dict]()
 
@@ -120,6 +120,20 @@ def pool(tiny30, tmp_path_factory):
     finally:
         _stoppers.pop("pool", None)
         pool.cleanup()
+
+
+@pytest.fixture(scope="session")
+def victims(tiny_dirs, tmp_path_factory):
+    """Two `mesh serve` processes (blocks 0:3 and 3:6 of the tiny Llama) that tests/adversarial attacks."""
+    from hostile import Victims
+
+    victims = Victims(tiny_dirs["llama"], tmp_path_factory.mktemp("victim-logs"))
+    _stoppers["victims"] = victims.cleanup
+    try:
+        yield victims
+    finally:
+        _stoppers.pop("victims", None)
+        victims.cleanup()
 
 
 @pytest.fixture(scope="session")

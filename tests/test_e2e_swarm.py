@@ -14,7 +14,8 @@ import time
 import pytest
 
 from mesh.net.node import NodeConfig, open_node
-from mesh.net.swarm import ServerState, open_swarm
+from mesh.net.announce import ServerState
+from mesh.net.swarm import open_swarm
 
 from procs import run_mesh, serve
 

@@ -145,7 +145,7 @@ async def test_link_probe_and_a_second_server_uses_it(tiny_dirs):
     async with server_and_client(folder) as (server, client, info):
         assert not server.measurement.network_measured  # the first server had nobody to probe
         assert await probe_link(client, info.peer_id, nbytes=1 << 18) > 1e6  # loopback: far above 1 Mbit/s
-        with pytest.raises(BadRequest, match="at most"):
+        with pytest.raises(BadRequest, match="outside"):
             from mesh.net.messages import Probe, ProbeReply
             await client.request(info.peer_id, "probe", Probe(b"", 1 << 30), reply=ProbeReply)
         stop = trio.Event()
@@ -177,19 +177,20 @@ async def test_hosted_and_sent_lora_adapters_equal_local(tiny_dirs, tmp_path):
         assert not torch.equal(want, local(x, pos))
         hosted = await remote_forward(client, info, 1, 5, x, pos, lora=ClientLora("style"))
         assert torch.equal(hosted, want)
-        sent = ClientLora("run:1", lora)
+        sent = ClientLora.carrying(lora)
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
         assert sent.sent == {(info.peer_id, 1, 5)}  # the next call names it only
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
-        slot = ("run:1", 1, 5)
-        others = ClientLora("other", lora)
-        for i in range(server.adapters.capacity):  # as many other adapters as the server keeps: ours is evicted
-            others.update(f"other:{i}", lora)
+        key = sent.key(1, 5)
+        others = ClientLora.carrying(lora)
+        for i in range(server.adapters.per_peer):  # as many other adapters as the server keeps of a peer
+            others.update(init_lora(server.source.config, LoraSpec(rank=2, alpha=4.0), 0, 6,
+                                    torch.Generator().manual_seed(i + 1), zero_b=False))
             await remote_forward(client, info, 1, 5, x, pos, lora=others)
-        assert slot not in server.adapters._recent and sent.sent == {(info.peer_id, 1, 5)}
+        assert key not in server.adapters._recent and sent.sent == {(info.peer_id, 1, 5)}
         # the client names it, hears adapter_unknown, and resends the weights once
         assert torch.equal(await remote_forward(client, info, 1, 5, x, pos, lora=sent), want)
-        assert slot in server.adapters._recent
+        assert key in server.adapters._recent
         with pytest.raises(AdapterUnknown):
             await remote_forward(client, info, 1, 5, x, pos, lora=ClientLora("nobody"))
 

@@ -1,0 +1,90 @@
+"""Frames that used to end a server process: it must stay up and keep serving the honest client exactly."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import msgpack
+import pytest
+import torch
+import trio
+
+from mesh.net import wire
+from mesh.net.messages import OpenSession, Step
+from mesh.net.swarm import topic
+
+from hostile import announcement, answers, honest_run, local_run, peer, publish, signed_raw
+from procs import serve
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_malformed_signed_announcements_do_not_end_servers(victims):
+    """`addrs` an int, `ttl` a string, NaN rates, in the old plain format and signed: all dropped."""
+    async with peer(victims) as (evil, swarm):
+        bad = [announcement(evil, victims.model_id, addrs=5), announcement(evil, victims.model_id, ttl="long"),
+               announcement(evil, victims.model_id, throughput=math.nan), announcement(evil, victims.model_id, state="SLEEPY")]
+        payloads = [msgpack.packb(b, use_bin_type=True) for b in bad] + [signed_raw(evil, b) for b in bad]
+        await publish(evil, swarm, victims.model_id, payloads + [b"\xc1garbage"])
+        await trio.sleep(2.0)
+        async with peer(victims) as (honest, hswarm):
+            assert await answers(honest, victims)
+            assert evil.peer_id not in {i.peer_id for i in hswarm.table.all(victims.model_id)}
+            out, _ = await honest_run(honest, hswarm, victims)
+    assert victims.alive()
+    torch.testing.assert_close(out, local_run(victims), rtol=0, atol=1e-5)
+
+
+async def test_an_error_frame_on_the_push_stream_does_not_end_the_server(victims):
+    """The attacker names itself as `next` of its own session and answers the server's push with an error
+    that is not even a map."""
+    pushed = trio.Event()
+
+    async def push_handler(stream) -> None:
+        await wire.read_frame(stream, timeout=10)
+        await wire.write_frame(stream, {"error": "boom"})
+        await wire.write_frame(stream, {"error": {"code": 5, "message": ["x"], "step_id": "nine"}})
+        pushed.set()
+        await trio.sleep(2)
+
+    async with peer(victims) as (evil, swarm):
+        evil.set_handler("push", push_handler)
+        first = victims.peer_ids[0]
+        async with evil.stream(first, "inference") as stream:
+            frame = OpenSession(0, 3, 16).to_wire() | {"session_id": "s1"}  # (older servers wanted one)
+            frame["next"] = {"peer_id": evil.peer_id, "session_id": "mine", "addrs": []}
+            await wire.write_frame(stream, frame)
+            opened = await wire.read_frame(stream)
+            assert "session_id" in opened, opened
+            await wire.write_frame(stream, Step(1, 0, torch.randn(1, 2, 64), torch.arange(2)[None]).to_wire())
+            with trio.fail_after(10):
+                await pushed.wait()
+            replies = [await wire.read_frame(stream, timeout=5) for _ in range(2)]
+        assert all(r["error"]["code"] == "unavailable" and r["error"]["peer_id"] == evil.peer_id for r in replies)
+        await trio.sleep(0.5)
+        assert await answers(evil, victims)
+
+
+async def test_nan_and_huge_numbers_reach_no_balancing_server(victims, tmp_path):
+    """A `--blocks auto` server sees announcements with NaN and 1e300 rates before choosing, and while
+    rebalancing every second: it chooses, serves and stays up."""
+    async with peer(victims) as (evil, swarm):
+        bad = [announcement(evil, victims.model_id, throughput=math.nan), announcement(evil, victims.model_id, throughput=1e300),
+               announcement(evil, victims.model_id, inference_rps=-math.inf, ttl=1e18)]
+        await publish(evil, swarm, victims.model_id, [signed_raw(evil, b) for b in bad]
+                       + [msgpack.packb(b, use_bin_type=True) for b in bad])
+        auto = serve(victims.folder, "auto", tmp_path / "auto.log", victims.addrs[:1], "--balance-period", "1",
+                     "--join-delay", "0.1", "--max-memory", "0.01")
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(auto.wait_ready, 60)
+                for _ in range(6):  # keep the poison fresh while it starts and rebalances
+                    await trio.sleep(1.0)
+                    for b in bad:
+                        await evil.pubsub.publish(topic(victims.model_id), signed_raw(evil, b | {"timestamp": time.time()}))
+            await trio.sleep(3.0)  # a few rebalancing checks with the poison in the table
+            assert auto.proc.poll() is None, auto.output()[-2000:]
+        finally:
+            auto.cleanup()
+        assert await answers(evil, victims)
