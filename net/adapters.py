@@ -137,6 +137,7 @@ class ClientLora:
     def __post_init__(self) -> None:
         self.sent: set[tuple[str, int, int]] = set()
         self._keys: dict[tuple[int, int], str] = {}
+        self._digest = _digest(self.weights) if self.weights is not None else ""
 
     @classmethod
     def carrying(cls, weights: LoraWeights) -> "ClientLora":
@@ -144,10 +145,12 @@ class ClientLora:
         return cls("", weights)
 
     def update(self, weights: LoraWeights) -> None:
-        """Weights after a training step: if they changed, servers must get them again."""
-        if self.weights is not None and _digest(self.weights) == _digest(weights):
+        """Weights after a training step (an optimizer may have changed them in place): if they differ from
+        what was last named and sent, servers must get them again."""
+        digest = _digest(weights)
+        if digest == self._digest:
             return
-        self.weights = weights
+        self.weights, self._digest = weights, digest
         self.sent.clear()
         self._keys.clear()
 

@@ -30,7 +30,7 @@ from .announce import ServerInfo
 from .swarm import SwarmTable, block_ranges
 from .wire import short_id
 
-__all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "RouteUnavailable", "OpenFailed", "candidates",
+__all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "Measured", "RouteUnavailable", "OpenFailed", "candidates",
            "accept_any", "REPLAY_CHUNK"]
 
 log = logging.getLogger("mesh.inference")
@@ -73,10 +73,37 @@ class BanList:
         return frozenset(p for p, t in self._until.items() if t > now)
 
 
-def candidates(servers: list[ServerInfo], throughput: bool = False) -> list[Candidate]:
-    """Routing's view of servers: per-block decode rates (latency), or announced throughput (load)."""
-    return [Candidate(s.peer_id, s.start, s.end, (s.throughput if throughput else s.inference_rps) or 1.0,
-                      dict(s.next_pings), s.relayed) for s in servers]
+class Measured:
+    """How much slower than announced each server answered this client's steps (1: as announced).
+
+    Announced rates are a server's own word; a step's time is the client's own measurement. A chain step
+    that takes `r` times what its servers announced counts `r` against each of them (a chain's time cannot
+    be split among its hops), smoothed over steps, and routing divides a server's announced rate by its
+    factor: a server that claims more than it delivers ranks by what it delivers."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self) -> None:
+        self._factor: dict[str, float] = {}
+
+    def factor(self, peer_id: str) -> float:
+        return self._factor.get(peer_id, 1.0)
+
+    def record(self, peers: list[str], ratio: float) -> None:
+        ratio = max(1.0, ratio)
+        for peer in peers:
+            self._factor[peer] = (1 - self.SMOOTHING) * self.factor(peer) + self.SMOOTHING * ratio
+
+
+def candidates(servers: list[ServerInfo], throughput: bool = False, measured: Measured | None = None
+               ) -> list[Candidate]:
+    """Routing's view of servers: per-block decode rates (latency), or announced throughput (load), each
+    divided by how much slower than announced the server has answered this client."""
+    def rate(s: ServerInfo) -> float:
+        announced = (s.throughput if throughput else s.inference_rps) or 1.0
+        return announced / (measured.factor(s.peer_id) if measured is not None else 1.0)
+
+    return [Candidate(s.peer_id, s.start, s.end, rate(s), dict(s.next_pings), s.relayed) for s in servers]
 
 
 def accept_any(info: ServerInfo) -> bool:
@@ -101,6 +128,7 @@ class ChainConfig:
     route_wait: float = 30.0  # how long to wait for a server holding missing blocks
     accept: Callable[[ServerInfo], bool] = accept_any  # e.g. only exact (unquantized) servers
     lora: ClientLora | None = None  # applied by every server of the chain, replacements included
+    measured: Measured = field(default_factory=Measured)  # servers' speed as this client saw it
 
 
 OnResult = Callable[["HopLink", StepResult], None]
@@ -199,7 +227,8 @@ class ChainOpener:
             servers = [s for s in cfg.table.servers(cfg.model_id) if s.peer_id not in banned and cfg.accept(s)]
             await cfg.rtt.measure([s.peer_id for s in servers], only_missing=True)
             try:
-                return min_latency_chain(candidates(servers), start, end, cfg.rtt.rtt, banned=banned)
+                return min_latency_chain(candidates(servers, measured=cfg.measured), start, end, cfg.rtt.rtt,
+                                         banned=banned)
             except NoRoute:
                 missing = self._missing(start, end, banned)
                 if trio.current_time() >= deadline:

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import torch
 import trio
 
+from ..model.errors import MeshError
 from ..model.span import SpanGrads
 from . import wire
 from .wire import short_id
@@ -106,6 +107,7 @@ async def remote_forward(node: Node, server: ServerInfo, start: int, end: int, h
 
     reply = await _call_with_lora(node, server.peer_id, "forward", request, lora, start, end, compression,
                                   timeout, ForwardReply)
+    _expect_shape(server.peer_id, "forward", reply.hidden, hidden.shape)
     return reply.hidden
 
 
@@ -123,12 +125,26 @@ async def remote_backward(node: Node, server: ServerInfo, start: int, end: int, 
 
     reply = await _call_with_lora(node, server.peer_id, "backward", request, lora, start, end, compression,
                                   timeout, BackwardReply)
+    _expect_shape(server.peer_id, "backward", reply.grad_input, hidden.shape)
+    if prompts is not None and reply.grad_prompts is not None:
+        _expect_shape(server.peer_id, "backward", reply.grad_prompts, prompts.shape)
     grad_lora = None
     if reply.grad_lora is not None:
-        if not isinstance(reply.grad_lora, list):
-            raise wire.MalformedFrame("grad_lora is not a list")
-        grad_lora = [decode_tensor(g, name="grad_lora") for g in reply.grad_lora]
+        try:
+            grad_lora = [decode_tensor(g, name="BackwardReply.grad_lora") for g in reply.grad_lora]
+        except MeshError as e:
+            raise PeerUnavailable(f"{short_id(server.peer_id)} sent malformed LoRA gradients: {e}") from e
+        want = [t.shape for t in lora.weights.sub(start, end).tensors()] if lora and lora.weights else []
+        if [g.shape for g in grad_lora] != want or not all(
+                g.is_floating_point() and bool(torch.isfinite(g).all()) for g in grad_lora):
+            raise PeerUnavailable(f"{short_id(server.peer_id)} sent LoRA gradients of the wrong shapes or not finite")
     return SpanGrads(reply.grad_input, reply.grad_prompts, grad_lora)
+
+
+def _expect_shape(peer_id: str, name: str, t: torch.Tensor, shape: torch.Size) -> None:
+    """A server's answer must have the shape the request implies: anything else fails that server."""
+    if tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+        raise PeerUnavailable(f"{short_id(peer_id)} answered a {name} of {list(shape)} with {list(t.shape)}")
 
 
 async def _call_with_lora(node: Node, peer_id: str, name: str, request, lora: ClientLora | None, start: int,

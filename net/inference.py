@@ -70,6 +70,7 @@ class InferenceSession:
         self.recoveries = 0
         self._step_ids = 0
         self._waiting: dict[int, trio.MemorySendChannel] = {}
+        self._shapes: dict[int, tuple[int, ...]] = {}  # step id -> the shape its result must have
 
     @property
     def route(self) -> list[Hop]:
@@ -92,28 +93,39 @@ class InferenceSession:
         msg = Step(0, position, hidden, position_ids, attention_mask)
         trim_steps(self.inputs, position)
         self.inputs.append(msg)
+        failure: HopFailed | None = None
         for attempt in range(MAX_RECOVERIES + 1):
-            await self._leave_draining(position)
             try:
+                if failure is not None:  # a recovery may itself fail (e.g. a hop's history is bad): retried
+                    await self._recover(failure, position)
+                    failure = None
+                await self._leave_draining(position)
                 return await self._step_once(msg)
             except HopFailed as e:
-                if attempt == MAX_RECOVERIES:
-                    raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {e}") from e
-                who = f"hop {e.index} ({short_id(self.hops[e.index].hop.peer_id)})" if e.index is not None else "a hop"
-                log.warning("%s failed: %s", who, e)
-                t0 = time.perf_counter()
-                dead = sorted(await self._dead_hops(e.index))
-                log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
-                await self._replace(dead, ban=True, before=position)
-        raise AssertionError("unreachable")
+                failure = e
+        raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {failure}") from failure
 
-    def _deadline(self, links: list[HopLink], tokens: int) -> float:
-        """Expected compute + network time of a step through `links`, with a wide margin."""
+    async def _recover(self, failure: HopFailed, position: int) -> None:
+        """Replace the hops `failure` blames (or, if it names none, those that do not answer)."""
+        e = failure
+        who = f"hop {e.index} ({short_id(self.hops[e.index].hop.peer_id)})" if e.index is not None else "a hop"
+        log.warning("%s failed: %s", who, e)
+        t0 = time.perf_counter()
+        dead = sorted(await self._dead_hops(e.index))
+        log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
+        await self._replace(dead, ban=True, before=position)
+
+    def _expected(self, links: list[HopLink], tokens: int) -> float:
+        """Compute + network time of a step through `links` as their servers announced them."""
         expected = 0.0
         for h in links:
             expected += (h.hop.end - h.hop.start) * tokens / max(h.info.inference_rps, 1e-3)
             expected += self.cfg.rtt.rtt.get(h.hop.peer_id, 0.05)
-        return BASE_TIMEOUT + 4 * expected
+        return expected
+
+    def _deadline(self, links: list[HopLink], tokens: int) -> float:
+        """How long a step through `links` may take: what they announced, with a wide margin."""
+        return BASE_TIMEOUT + 4 * self._expected(links, tokens)
 
     def _next_step_id(self) -> int:
         self._step_ids += 1
@@ -123,20 +135,26 @@ class InferenceSession:
         step = Step(self._next_step_id(), msg.position, msg.hidden, msg.position_ids, msg.attention_mask)
         send, receive = trio.open_memory_channel(1)
         self._waiting[step.step_id] = send
+        self._shapes[step.step_id] = tuple(msg.hidden.shape)
         timeout = self._deadline(self.hops, msg.hidden.shape[1])
         try:
             try:
                 await self.hops[0].send(step, timeout)
             except wire.WireError as e:
                 raise HopFailed(0, f"cannot send: {e}") from e
+            t0 = trio.current_time()
             with trio.move_on_after(timeout):
                 outcome = await receive.receive()
                 if isinstance(outcome, BaseException):
                     raise outcome
+                took = trio.current_time() - t0
+                self.cfg.measured.record([h.hop.peer_id for h in self.hops],
+                                         took / max(self._expected(self.hops, msg.hidden.shape[1]), 1e-6))
                 return outcome
             raise HopFailed(None, f"no result within {timeout:.1f} s")
         finally:
             self._waiting.pop(step.step_id, None)
+            self._shapes.pop(step.step_id, None)
 
     # ----- what the hops' readers report ---------------------------------------------------------
 
@@ -146,8 +164,17 @@ class InferenceSession:
 
     def _on_result(self, link: HopLink, result: StepResult) -> None:
         waiter = self._waiting.get(result.step_id)
-        if waiter is not None and self.hops and link is self.hops[-1]:  # only the last hop answers steps
+        if waiter is None or not self.hops or link is not self.hops[-1]:  # only the last hop answers steps
+            return
+        if tuple(result.hidden.shape) != self._shapes[result.step_id]:  # a server's answer is checked too
+            self._on_error(link, MeshError(f"server {short_id(link.hop.peer_id)} answered a step with hidden "
+                                           f"states {list(result.hidden.shape)}, not {list(self._shapes[result.step_id])}"),
+                           link.hop.peer_id, result.step_id)
+            return
+        try:
             waiter.send_nowait(result.hidden)
+        except trio.WouldBlock:  # a second answer to the same step: the first one stands
+            pass
 
     def _on_error(self, link: HopLink, error: MeshError, failed_peer: str | None, step_id: int | None) -> None:
         """`failed_peer`: the hop to blame (a broken stream, a failed push); None passes `error` on as it is."""
@@ -237,11 +264,20 @@ class InferenceSession:
             self.nursery.start_soon(link.close)
 
     async def _inputs_of(self, index: int, before: int) -> History:
-        """What hop `index` received for positions [0, before): our own steps, or its predecessor's outputs."""
+        """What hop `index` received for positions [0, before): our own steps, or its predecessor's outputs
+        (checked: a predecessor that cannot give them whole fails too)."""
+        hidden_size = self.inputs[0].hidden.shape[2] if self.inputs else 0
         if index == 0:
-            hidden_size = self.inputs[0].hidden.shape[2] if self.inputs else 0
             return concat_steps(self.inputs, before, self.cfg.batch_size, hidden_size)
-        return await self.hops[index - 1].history(before)
+        try:
+            history = await self.hops[index - 1].history(before)
+        except (MeshError, trio.TooSlowError) as e:
+            raise HopFailed(index - 1, f"no history from hop {index - 1}: {e}") from e
+        want = (self.cfg.batch_size, before)
+        if tuple(history.hidden.shape) != (*want, hidden_size) or tuple(history.position_ids.shape) != want \
+                or tuple(history.attention_mask.shape) != want:
+            raise HopFailed(index - 1, f"hop {index - 1} sent a history of {list(history.hidden.shape)}")
+        return history
 
 
 @asynccontextmanager

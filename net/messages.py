@@ -304,6 +304,11 @@ class StepResult(Message):
     position: int = limits(0)
     hidden: torch.Tensor
 
+    def validate(self) -> None:
+        if not self.hidden.is_floating_point() or self.hidden.dim() != 3:
+            raise BadRequest(f"StepResult.hidden: expected a floating [batch, tokens, hidden] tensor, got "
+                             f"{str(self.hidden.dtype).removeprefix('torch.')} {list(self.hidden.shape)}")
+
 
 @dataclass
 class HistoryRequest(Message):
@@ -320,6 +325,9 @@ class History(Message):
     hidden: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
+
+    def validate(self) -> None:
+        check_inputs(self)
 
 
 @dataclass

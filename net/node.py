@@ -293,7 +293,11 @@ class Node:
             async with self.stream(peer_id, name, timeout=timeout) as s:
                 await wire.write_frame(s, message.to_wire(compression), timeout=timeout)
                 frame = await wire.read_frame(s, timeout=timeout)
-        return reply.from_wire(wire.raise_if_error(frame))
+        wire.raise_if_error(frame)
+        try:
+            return reply.from_wire(frame)
+        except MeshError as e:  # the peer answered, but not with what the protocol says: it failed
+            raise PeerUnavailable(f"{short_id(peer_id)} sent a malformed {name} reply: {e}") from e
 
 
 @asynccontextmanager

@@ -44,7 +44,7 @@ class PeerLimits:
     connection_rate_per_peer: float = 10.0  # new connections per second, sustained (rcmgr's default)
     connection_burst_per_peer: int = 50  # new connections at once, before the rate applies (rcmgr's default)
     total_streams: int = 4096  # all peers, both directions; over it streams wait (rcmgr's default 10000)
-    streams_per_peer: int = 64  # inbound mesh streams one peer may have open (counted by Node.set_handler)
+    streams_per_peer: int = 128  # inbound mesh streams of one peer (Node.set_handler); our nodes open at most 128
 
 
 def resource_manager(limits: PeerLimits) -> ResourceManager:

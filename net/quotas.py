@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator
+
+import trio
 
 from ..model.errors import BadRequest
 from . import wire
 
-__all__ = ["Quotas", "PeerLedger", "parse_limits"]
+__all__ = ["Quotas", "PeerLedger", "InFlight", "parse_limits"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,28 @@ class PeerLedger:
             self._held.pop(peer, None)
         else:
             self._held[peer] = left
+
+
+class InFlight:
+    """Bytes of frames being received from each peer. A frame's body is read only while its peer has less
+    than `cap` bytes in flight (or none): a peer that begins many large frames and stalls holds one
+    frame's worth of memory, and its other frames wait (their deadline running), not other peers'."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._held: defaultdict[str, int] = defaultdict(int)
+        self._released = trio.Event()
+
+    @asynccontextmanager
+    async def hold(self, peer: str, size: int) -> AsyncIterator[None]:
+        while self._held.get(peer, 0) and self._held[peer] + size > self.cap:
+            await self._released.wait()
+        self._held[peer] += size
+        try:
+            yield
+        finally:
+            self._held[peer] -= size
+            if not self._held[peer]:
+                del self._held[peer]
+            self._released.set()
+            self._released = trio.Event()

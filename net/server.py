@@ -369,8 +369,7 @@ class Server:
 
     async def _read_request(self, stream, kind, timeout: float):
         """A training request, its frame bounded in size and time like a session step's."""
-        frame = await wire.read_frame(stream, timeout=timeout, max_size=self.frame_bytes,
-                                      body_timeout=self.config.quotas.frame_seconds)
+        frame = await self.sessions.read_frame(stream, timeout)
         req = kind.from_wire(frame, max_numel=self._max_numel())
         batch, tokens = req.hidden.shape[:2]
         if batch * tokens > self.config.quotas.step_tokens or tokens > self.config.max_length:
@@ -388,7 +387,8 @@ class Server:
             await wire.write_frame(stream, Pong(ping.nonce).to_wire())
 
     async def handle_probe(self, stream) -> None:
-        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30, max_size=MAX_PROBE_BYTES + SMALL_FRAME))
+        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30, max_size=MAX_PROBE_BYTES + SMALL_FRAME,
+                                                      budget=self.sessions.inflight))
         if not 0 <= probe.reply_bytes <= MAX_PROBE_BYTES:
             raise BadRequest(f"probe reply of {probe.reply_bytes} bytes; at most {MAX_PROBE_BYTES}")
         await wire.write_frame(stream, ProbeReply(bytes(probe.reply_bytes)).to_wire(), timeout=30)
@@ -450,8 +450,7 @@ class Server:
             raise wire.Unavailable(f"server is {self.state.name}", hint="use another server")
 
     async def handle_inference(self, stream) -> None:
-        opened = OpenSession.from_wire(await wire.read_frame(stream, timeout=30, max_size=self.frame_bytes,
-                                                             body_timeout=self.config.quotas.frame_seconds))
+        opened = OpenSession.from_wire(await self.sessions.read_frame(stream, 30))
         self._check_serving()
         span = self._sub_span(opened.start, opened.end)
         lora = self.adapters.resolve(opened.lora, opened.start, opened.end, self._max_numel(), _peer(stream))

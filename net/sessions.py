@@ -37,7 +37,7 @@ from .codec import check_compression
 from .lane import ComputeLane
 from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Predecessor,
                        Relink, SessionOpened, Step, StepResult)
-from .quotas import PeerLedger, Quotas
+from .quotas import InFlight, PeerLedger, Quotas
 from .node import Node, PeerUnavailable
 from .wire import short_id
 from .relay import is_relayed
@@ -101,6 +101,7 @@ class Sessions:
         self.counters = SessionCounters()
         self.max_length, self.idle_timeout, self.max_numel = max_length, idle_timeout, max_numel
         self.quotas, self.frame_bytes = quotas, frame_bytes
+        self.inflight = InFlight(frame_bytes)  # frame bytes being received, per peer
         self.peer_cache = PeerLedger("cache tokens", max(max_length, quotas.peer_cache_share * cache_tokens))
         self.peer_sessions = PeerLedger("open sessions", quotas.sessions_per_peer)
         self.on_change = on_change  # the free cache changed: announce soon
@@ -108,6 +109,12 @@ class Sessions:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    async def read_frame(self, stream, timeout: float) -> object:
+        """A frame of a session or a training call from a peer: at most `frame_bytes`, its body within
+        `Quotas.frame_seconds` once begun, and read only while the peer's frames in flight leave room."""
+        return await wire.read_frame(stream, timeout=timeout, max_size=self.frame_bytes,
+                                     body_timeout=self.quotas.frame_seconds, budget=self.inflight)
 
     def lengths(self) -> list[int]:
         """Tokens in each open session's cache, ascending."""
@@ -122,21 +129,7 @@ class Sessions:
             raise BadRequest(f"OpenSession.max_length: {opened.max_length} is outside 1..{self.max_length}")
         owner = stream.muxed_conn.peer_id.to_base58()
         tokens = opened.max_length * opened.batch_size
-        try:
-            self.peer_sessions.charge(owner, 1)
-            try:
-                self.peer_cache.charge(owner, tokens)
-                try:
-                    self.budget.reserve(tokens)
-                except wire.Busy:
-                    self.peer_cache.refund(owner, tokens)
-                    raise
-            except wire.Busy:
-                self.peer_sessions.refund(owner, 1)
-                raise
-        except wire.Busy:
-            self.counters.busy_refusals += 1
-            raise
+        self._admit(owner, tokens)
         session_id = secrets.token_urlsafe(18)
         self.on_change()
         self.counters.sessions_opened += 1
@@ -157,6 +150,21 @@ class Sessions:
             self.counters.sessions_open -= 1
             self.on_change()
             log.info("session %s closed", session_id[:8])
+
+    def _admit(self, owner: str, tokens: int) -> None:
+        """Charge a new session to its opener and to the server's cache, or answer `busy` with nothing held."""
+        undo: list[Callable[[], None]] = []
+        try:
+            self.peer_sessions.charge(owner, 1)
+            undo.append(lambda: self.peer_sessions.refund(owner, 1))
+            self.peer_cache.charge(owner, tokens)
+            undo.append(lambda: self.peer_cache.refund(owner, tokens))
+            self.budget.reserve(tokens)
+        except wire.Busy:
+            for refund in reversed(undo):
+                refund()
+            self.counters.busy_refusals += 1
+            raise
 
     async def step(self, span: Span, cache: SpanCache, step: Step, lora: LoraWeights | None = None,
                    peer: str = "") -> torch.Tensor:
@@ -180,8 +188,7 @@ class Sessions:
         sender = stream.muxed_conn.peer_id.to_base58()
         while True:
             try:
-                frame = await wire.read_frame(stream, timeout=self.idle_timeout + 60, max_size=self.frame_bytes,
-                                              body_timeout=self.quotas.frame_seconds)
+                frame = await self.read_frame(stream, self.idle_timeout + 60)
             except wire.StreamClosed:
                 return
             step = Step.from_wire(frame, max_numel=self.max_numel)
@@ -230,7 +237,7 @@ class ServerSession:
         self.counters = owner.counters
         self.idle_timeout = owner.idle_timeout
         self.max_numel = owner.max_numel
-        self.frame_bytes, self.frame_seconds = owner.frame_bytes, owner.quotas.frame_seconds
+        self.read_frame = owner.read_frame
         self.next: NextHop | None = opened.next
         self.inbox_send, self.inbox_recv = trio.open_memory_channel[tuple[str, Step]](INBOX)
         self._client_lock = trio.Lock()
@@ -267,8 +274,7 @@ class ServerSession:
     async def _read_client(self, done: trio.CancelScope) -> None:
         while True:
             try:
-                frame = await wire.read_frame(self.client_stream, timeout=self.idle_timeout,
-                                              max_size=self.frame_bytes, body_timeout=self.frame_seconds)
+                frame = await self.read_frame(self.client_stream, self.idle_timeout)
                 msg = Message.from_wire(wire.raise_if_error(frame), max_numel=self.max_numel)
             except (wire.StreamClosed, wire.FrameTimeout):
                 done.cancel()

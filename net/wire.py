@@ -8,7 +8,7 @@ read with our own loop (libp2p's `read_exactly` gives up after 100 partial reads
 from __future__ import annotations
 
 import struct
-from typing import Any, Protocol
+from typing import Any, AsyncContextManager, Protocol
 
 import msgpack
 import trio
@@ -16,7 +16,7 @@ import trio
 from ..model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
                             SpanOutOfRange, UnsupportedArchitecture)
 
-__all__ = ["PROTOCOL_VERSION", "ByteStream", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
+__all__ = ["PROTOCOL_VERSION", "ByteStream", "FrameBudget", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
            "FrameTimeout", "MalformedFrame", "StreamClosed", "UnknownVersion", "Busy", "Unavailable",
            "AdapterUnknown", "RemoteError", "read_exact", "pack", "write_frame", "read_frame", "error_frame",
            "raise_if_error", "close_quietly", "reset_quietly", "short_id"]
@@ -182,10 +182,17 @@ async def write_frame(stream: ByteStream, obj: Any, *, timeout: float = DEFAULT_
     return len(data)
 
 
+class FrameBudget(Protocol):
+    """Who may receive how many frame bytes at once (net/quotas.py InFlight)."""
+
+    def hold(self, peer: str, size: int) -> AsyncContextManager[None]: ...
+
+
 async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, max_size: int = MAX_FRAME,
-                     body_timeout: float = BODY_TIMEOUT) -> Any:
+                     body_timeout: float = BODY_TIMEOUT, budget: FrameBudget | None = None) -> Any:
     """Read one frame: its header within `timeout` s (an idle wait), then its body within `body_timeout`
-    s (a peer that begins a frame must finish it); the size limit is checked before allocating."""
+    s (a peer that begins a frame must finish it); the size limit is checked before allocating. With a
+    `budget`, the body is read only once the sending peer's frames in flight leave room for it."""
     try:
         with trio.fail_after(timeout):
             (size,) = _LENGTH.unpack(await read_exact(stream, 4))
@@ -195,7 +202,11 @@ async def read_frame(stream: ByteStream, *, timeout: float = DEFAULT_TIMEOUT, ma
         raise FrameTooLarge(f"frame of {size} bytes exceeds the {max_size}-byte limit")
     try:
         with trio.fail_after(min(timeout, body_timeout)):
-            payload = await read_exact(stream, size)
+            if budget is None:
+                payload = await read_exact(stream, size)
+            else:
+                async with budget.hold(stream.muxed_conn.peer_id.to_base58(), size):
+                    payload = await read_exact(stream, size)
     except trio.TooSlowError as e:
         raise FrameTimeout(f"a frame of {size} bytes did not arrive within {min(timeout, body_timeout):.1f} s") from e
     try:

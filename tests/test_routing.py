@@ -109,3 +109,20 @@ def test_spread_chain_draws_servers_by_throughput():
     assert [(h.peer_id, h.start, h.end) for h in chain] == [("slow", 1, 4), ("tail", 4, 6)]
     with pytest.raises(NoRoute):
         spread_chain(servers, 0, 6, rng, banned=frozenset({"tail"}))
+
+
+def test_a_server_slower_than_it_announced_is_ranked_by_what_it_delivered():
+    from mesh.net.announce import ServerInfo, ServerState
+    from mesh.net.chain import Measured, candidates
+
+    liar = ServerInfo("liar", "m", 0, 4, ServerState.ONLINE, inference_rps=1e6)
+    honest = ServerInfo("honest", "m", 0, 4, ServerState.ONLINE, inference_rps=100.0)
+    measured = Measured()
+    route = min_latency_chain(candidates([liar, honest], measured=measured), 0, 4, {"liar": 0.01, "honest": 0.01})
+    assert [h.peer_id for h in route] == ["liar"]
+    for _ in range(20):  # its steps take 10^5 times what it announced
+        measured.record(["liar"], 1e5)
+    measured.record(["honest"], 0.5)  # faster than announced counts as announced
+    assert measured.factor("honest") == 1.0 and measured.factor("liar") > 1e4
+    route = min_latency_chain(candidates([liar, honest], measured=measured), 0, 4, {"liar": 0.01, "honest": 0.01})
+    assert [h.peer_id for h in route] == ["honest"]
