@@ -176,10 +176,10 @@ class Sessions:
         cache.start_at(step.position)  # steps of a session come one at a time: its cache is its own
         outputs, a = [], 0
         while a < new or not outputs:
-            b = min(new, a + max(1, self.lane.chunk_tokens(peer) // batch))
-            outputs.append(await self.lane.run(functools.partial(_run_chunk, span, cache, step, a, b, lora),
-                                               tokens=batch * (b - a), peer=peer))
-            a = b
+            out, n = await self.lane.run_chunk(lambda n: _run_chunk(span, cache, step, a, a + n, lora),
+                                               max(new - a, 1), batch, peer)
+            outputs.append(out)
+            a += n
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def handle_push(self, stream) -> None:
