@@ -97,6 +97,20 @@ async def peer(victims: Victims, follow: bool = True) -> AsyncIterator[tuple[Nod
             yield node, swarm
 
 
+async def heard_by_all(swarm: Swarm, victims: Victims, peer_id: str, end: int, timeout: float = 15.0) -> None:
+    """Wait until each victim's table holds `peer_id`'s entry ending at block `end` (asked by snapshot):
+    proof that the victims received and handled what `peer_id` published before it."""
+    with trio.fail_after(timeout):
+        for victim in victims.peer_ids:
+            while True:
+                await swarm.fetch_snapshot(victim, victims.model_id)
+                entry = swarm.table.get(peer_id)
+                if entry is not None and entry.end == end:
+                    break
+                await trio.sleep(0.2)
+            swarm.table.remove(peer_id)
+
+
 async def answers(node: Node, victims: Victims) -> bool:
     """Every victim process is up and answers an info call."""
     if not victims.alive():

@@ -14,7 +14,7 @@ from mesh.net import wire
 from mesh.net.messages import OpenSession, Step
 from mesh.net.swarm import topic
 
-from hostile import announcement, answers, honest_run, local_run, peer, publish, signed_raw
+from hostile import announcement, answers, heard_by_all, honest_run, local_run, peer, publish, signed_raw
 from procs import serve
 
 pytestmark = pytest.mark.e2e
@@ -26,11 +26,11 @@ async def test_malformed_signed_announcements_do_not_end_servers(victims):
         bad = [announcement(evil, victims.model_id, addrs=5), announcement(evil, victims.model_id, ttl="long"),
                announcement(evil, victims.model_id, throughput=math.nan), announcement(evil, victims.model_id, state="SLEEPY")]
         payloads = [msgpack.packb(b, use_bin_type=True) for b in bad] + [signed_raw(evil, b) for b in bad]
-        await publish(evil, swarm, victims.model_id, payloads + [b"\xc1garbage"])
-        await trio.sleep(2.0)
+        marker = announcement(evil, victims.model_id, start=5, end=6, state="JOINING")  # valid, sent last
+        await publish(evil, swarm, victims.model_id, payloads + [b"\xc1garbage", signed_raw(evil, marker)])
         async with peer(victims) as (honest, hswarm):
+            await heard_by_all(hswarm, victims, evil.peer_id, 6)  # so the bad ones reached them first
             assert await answers(honest, victims)
-            assert evil.peer_id not in {i.peer_id for i in hswarm.table.all(victims.model_id)}
             out, _ = await honest_run(honest, hswarm, victims)
     assert victims.alive()
     torch.testing.assert_close(out, local_run(victims), rtol=0, atol=1e-5)
@@ -79,11 +79,20 @@ async def test_nan_and_huge_numbers_reach_no_balancing_server(victims, tmp_path)
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(auto.wait_ready, 60)
-                for _ in range(6):  # keep the poison fresh while it starts and rebalances
+                for _ in range(4):  # keep the poison fresh while it starts and rebalances
                     await trio.sleep(1.0)
                     for b in bad:
                         await evil.pubsub.publish(topic(victims.model_id), signed_raw(evil, b | {"timestamp": time.time()}))
-            await trio.sleep(3.0)  # a few rebalancing checks with the poison in the table
+            await trio.sleep(2.0)  # a few rebalancing checks with the poison in the table
+            assert auto.proc.poll() is None, auto.output()[-2000:]
+            marker = announcement(evil, victims.model_id, start=5, end=6, state="JOINING", timestamp=time.time())
+            await evil.pubsub.publish(topic(victims.model_id), signed_raw(evil, marker))
+            async with peer(victims) as (_, hswarm):  # the auto server heard the poison, then this
+                await hswarm.node.connect(auto.addr, timeout=5)
+                with trio.fail_after(15):
+                    while (entry := hswarm.table.get(evil.peer_id)) is None or entry.end != 6:
+                        await hswarm.fetch_snapshot(auto.peer_id, victims.model_id)
+                        await trio.sleep(0.2)
             assert auto.proc.poll() is None, auto.output()[-2000:]
         finally:
             auto.cleanup()
