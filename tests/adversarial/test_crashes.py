@@ -77,13 +77,11 @@ async def test_nan_and_huge_numbers_reach_no_balancing_server(victims, tmp_path)
         auto = serve(victims.folder, "auto", tmp_path / "auto.log", victims.addrs[:1], "--balance-period", "1",
                      "--join-delay", "0.1", "--max-memory", "0.01")
         try:
-            async with trio.open_nursery() as n:
-                n.start_soon(auto.wait_ready, 60)
-                for _ in range(4):  # keep the poison fresh while it starts and rebalances
-                    await trio.sleep(1.0)
-                    for b in bad:
-                        await evil.pubsub.publish(topic(victims.model_id), signed_raw(evil, b | {"timestamp": time.time()}))
-            await trio.sleep(2.0)  # a few rebalancing checks with the poison in the table
+            with trio.fail_after(60):
+                while not auto.ready():  # keep the poison fresh while it starts, then while it rebalances
+                    await _poison(evil, victims.model_id, bad)
+            for _ in range(3):  # rebalancing checks come every U(0, 2) s
+                await _poison(evil, victims.model_id, bad)
             assert auto.proc.poll() is None, auto.output()[-2000:]
             marker = announcement(evil, victims.model_id, start=5, end=6, state="JOINING", timestamp=time.time())
             await evil.pubsub.publish(topic(victims.model_id), signed_raw(evil, marker))
@@ -97,3 +95,9 @@ async def test_nan_and_huge_numbers_reach_no_balancing_server(victims, tmp_path)
         finally:
             auto.cleanup()
         assert await answers(evil, victims)
+
+
+async def _poison(evil, model_id: str, bad: list[dict]) -> None:
+    for b in bad:
+        await evil.pubsub.publish(topic(model_id), signed_raw(evil, b | {"timestamp": time.time()}))
+    await trio.sleep(0.5)
