@@ -49,7 +49,7 @@ log = logging.getLogger("mesh.session")
 
 INBOX = 64
 MAX_BATCH = 64
-PREDECESSOR_WAIT = 2.0  # s a push from an unexpected peer waits for the opener's `Predecessor` naming it
+PREDECESSOR_WAIT = 1.0  # s a push from an unexpected peer waits for the opener's `Predecessor` naming it
 StepFn = Callable[[Span, SpanCache, Step], Awaitable[torch.Tensor]]
 
 

@@ -33,7 +33,7 @@ from procs import serve
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MAX_LENGTH, CACHE_TOKENS = 256, 2048
-FRAME_SECONDS = 3.0  # a begun frame must arrive within this (short, so tests see stalled frames dropped)
+FRAME_SECONDS = 2.0  # a begun frame must arrive within this (short, so tests see stalled frames dropped)
 SPANS = ("0:3", "3:6")
 
 
@@ -193,6 +193,6 @@ def announcement(node, model_id: str, **changes) -> dict:
 
 async def publish(node, swarm, model_id: str, payloads: list[bytes]) -> None:
     await swarm.follow(model_id)
-    await trio.sleep(1.5)  # a heartbeat grafts the gossip mesh
+    await trio.sleep(1.2)  # a heartbeat grafts the gossip mesh
     for payload in payloads:
         await node.pubsub.publish(topic(model_id), payload)

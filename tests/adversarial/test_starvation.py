@@ -134,7 +134,7 @@ async def test_a_flooding_peer_cannot_stall_an_honest_decode(victims):
             n.start_soon(flood_forwards)
             for _ in range(4):
                 n.start_soon(flood_session)
-            await trio.sleep(1.0)
+            await trio.sleep(0.5)
             out, attacked = await honest_run(honest, hswarm, victims)
             n.cancel_scope.cancel()
         assert await answers(honest, victims)
