@@ -58,7 +58,7 @@ def parse_limits(items: list[str], base: Quotas | None = None) -> Quotas:
         try:
             number = int(value) if kinds[name] == "int" else float(value)
         except ValueError:
-            raise BadRequest(f"--limit {item!r}: {value!r} is not a {kinds[name]}") from None
+            raise BadRequest(f"--limit {item!r}: {value!r} is not {'an integer' if kinds[name] == 'int' else 'a number'}") from None
         if not number > 0:
             raise BadRequest(f"--limit {item!r}: must be positive")
         changes[name] = number
