@@ -1,8 +1,10 @@
 """The protocol's messages as dataclasses; `to_wire`/`from_wire` turn them into msgpack-able dicts.
 
 Each frame is `{"type": <name>, "v": <protocol version>, **fields}`; tensor fields are encoded by
-`net/codec.py` with the compression the sender chose. `from_wire` checks the type, the major version and
-that every required field is present, raising BadRequest / UnknownVersion for the handler to reply with.
+`net/codec.py` with the compression the sender chose. Every frame comes from a peer, so `from_wire` checks
+all of it before a message exists: the type, the major version, every field's declared type, finite
+numbers, the range or length its `limits()` declare, tensors' dtypes, shapes that agree, and no NaN/Inf.
+A bad frame raises BadRequest naming the field (or UnknownVersion) for the handler to reply with.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from .wire import PROTOCOL_VERSION, UnknownVersion
 
 __all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
            "InfoRequest", "InfoReply", "OpenSession", "SessionOpened", "Step", "StepResult", "HistoryRequest",
-           "History", "Relink", "Predecessor", "limits", "check_inputs", "MAX_ID", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
-           "BackwardReply"]
+           "History", "Relink", "Predecessor", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
+           "BackwardReply", "limits", "check_inputs", "MAX_ID"]
 
 MAX_TENSOR_NUMEL = 64 * 1024 * 1024
 _TYPES: dict[str, type["Message"]] = {}
@@ -91,7 +93,6 @@ class Message:
 
 MAX_INT = 2 ** 53  # integers past this lose precision in other peers' languages: nobody needs them here
 
-# annotation -> accepted Python types and how an error names them
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _MASK_DTYPES = (torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)
 
@@ -118,10 +119,11 @@ def check_inputs(msg: "Message") -> None:
             raise BadRequest(f"{name}.{field_name}: expected a floating tensor")
 
 
+# annotation -> accepted Python types and how an error names them (NextHop fields are parsed by NextHop)
 _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
     "bytes": ((bytes,), "bytes"), "bool": ((bool,), "a boolean"), "dict": ((dict,), "a map"),
-    "list": ((list,), "a list"), "torch.Tensor": ((torch.Tensor,), "a tensor"), "NextHop": ((object,), "a next hop"),
+    "list": ((list,), "a list"), "torch.Tensor": ((torch.Tensor,), "a tensor"),
 }
 
 
@@ -162,7 +164,7 @@ MAX_KEY = 64  # characters of a training pass's `keep` key
 
 @dataclass(frozen=True)
 class NextHop:
-    """Where a server pushes a session's outputs: the next server's peer id, its addresses, its session."""
+    """Where a server pushes a session's outputs: the next server's peer id and its session there."""
 
     peer_id: str
     session_id: str
