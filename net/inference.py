@@ -177,12 +177,14 @@ class InferenceSession:
             pass
 
     def _on_error(self, link: HopLink, error: MeshError, failed_peer: str | None, step_id: int | None) -> None:
-        """`failed_peer`: the hop to blame (a broken stream, a failed push); None passes `error` on as it is."""
+        """`failed_peer`: the hop to blame (a broken stream, a failed push); None passes `error` on as it is.
+        A hop may blame only itself or the hop it pushes to: any other name is its own failure."""
         if link not in self.hops:  # a hop replaced meanwhile: nothing waits on it
             return
         if failed_peer is not None:
-            index = next((i for i, h in enumerate(self.hops) if h.hop.peer_id == failed_peer), self.hops.index(link))
-            error = HopFailed(index, str(error))
+            own = self.hops.index(link)
+            after = own + 1 if own + 1 < len(self.hops) and self.hops[own + 1].hop.peer_id == failed_peer else own
+            error = HopFailed(after, str(error))
         targets = [self._waiting[step_id]] if step_id in self._waiting else list(self._waiting.values())
         for waiter in targets:
             try:
