@@ -21,13 +21,13 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 
 from ..model.errors import BadRequest
+from .messages import MAX_BLOCK
 
 __all__ = ["ServerState", "ServerInfo", "SignedInfo", "MAX_RATE", "MAX_TTL", "MIN_TTL", "MAX_RECORD"]
 
 MAX_RATE = 1e6  # per-block tokens/s (or hidden states/s of a link) no server reaches
 MAX_TTL, MIN_TTL = 120.0, 1.0  # s an announcement lives without being heard again
 MAX_PING = 60.0  # s of a next-hop RTT
-MAX_BLOCK = 1 << 16
 MAX_RECORD = 1 << 16  # bytes of a signed announcement
 DOMAIN = b"mesh/announcement/1:"  # signed bytes are this + the announcement: a signature means nothing else
 

@@ -10,6 +10,7 @@ A bad frame raises BadRequest naming the field (or UnknownVersion) for the handl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from .wire import PROTOCOL_VERSION, UnknownVersion
 __all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
            "InfoRequest", "InfoReply", "OpenSession", "SessionOpened", "Step", "StepResult", "HistoryRequest",
            "History", "Relink", "Predecessor", "CloseSession", "ForwardRequest", "ForwardReply", "BackwardRequest",
-           "BackwardReply", "limits", "check_inputs", "MAX_ID"]
+           "BackwardReply", "limits", "check_inputs", "MAX_ID", "MAX_BLOCK", "MAX_PROBE"]
 
 MAX_TENSOR_NUMEL = 64 * 1024 * 1024
 _TYPES: dict[str, type["Message"]] = {}
@@ -132,9 +133,15 @@ def limits(lo: float | None = None, hi: float | None = None, *, length: int | No
     return field(metadata={"lo": lo, "hi": hi, "length": length}, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _options(annotation: str) -> tuple[str, ...]:
+    """`"torch.Tensor | None"` → ("torch.Tensor", "None"), once per annotation, not once per frame."""
+    return tuple(t.strip() for t in annotation.split("|"))
+
+
 def _check_field(name: str, value: Any, f: dataclasses.Field) -> None:
     """The field's declared type, finite if a number, within its declared range or length."""
-    options = [t.strip() for t in str(f.type).split("|")]
+    options = _options(str(f.type))
     if value is None:
         if "None" not in options:
             raise BadRequest(f"{name}: expected {_KINDS.get(options[0], ((), options[0]))[1]}, got nothing")

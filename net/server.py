@@ -33,7 +33,7 @@ from .client import ping, probe_link
 from .adapters import AdapterCache
 from .codec import check_compression, encode_tensor
 from .messages import (BackwardReply, BackwardRequest, ForwardReply, ForwardRequest, InfoReply,
-                       InfoRequest, OpenSession, Ping, Pong, Probe, ProbeReply)
+                       InfoRequest, MAX_PROBE, OpenSession, Ping, Pong, Probe, ProbeReply)
 from .quotas import Quotas
 from .node import Node, NodeConfig, open_node, parse_peer_addr
 from .wire import short_id
@@ -51,7 +51,6 @@ __all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit"
 log = logging.getLogger("mesh.server")
 
 MAX_NEIGHBOURS = 8
-MAX_PROBE_BYTES = 4 << 20
 SMALL_FRAME = 1 << 16  # requests that carry no tensors (ping, info)
 MAX_KEPT, KEEP_SECONDS = 32, 120.0  # forward graphs kept for training backwards
 REACT_WINDOW = 30.0  # s: a rebalancing check follows a server's departure within U(0, this)
@@ -387,10 +386,8 @@ class Server:
             await wire.write_frame(stream, Pong(ping.nonce).to_wire())
 
     async def handle_probe(self, stream) -> None:
-        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30, max_size=MAX_PROBE_BYTES + SMALL_FRAME,
+        probe = Probe.from_wire(await wire.read_frame(stream, timeout=30, max_size=MAX_PROBE + SMALL_FRAME,
                                                       budget=self.sessions.inflight))
-        if not 0 <= probe.reply_bytes <= MAX_PROBE_BYTES:
-            raise BadRequest(f"probe reply of {probe.reply_bytes} bytes; at most {MAX_PROBE_BYTES}")
         await wire.write_frame(stream, ProbeReply(bytes(probe.reply_bytes)).to_wire(), timeout=30)
 
     async def handle_info(self, stream) -> None:
