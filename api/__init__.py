@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import trio
 
+from ..model.device import Device
 from ..model.errors import BadRequest, MeshError
 from ..model.generation import Generator, SamplingConfig
 from ..model.head import ClientHead, load_head, load_tokenizer
@@ -152,13 +153,15 @@ class DistributedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,
-                        dtype: torch.dtype = torch.float32, compression: str = "none", timeout: float = 30.0,
-                        route_wait: float = 30.0, exact: bool = False,
-                        cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
-        """Load the client-side parts of `name` and join the swarm through `initial_peers`
-        (default: $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server."""
+                        device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+                        compression: str = "none", timeout: float = 30.0, route_wait: float = 30.0,
+                        exact: bool = False, cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
+        """Load the client-side parts of `name` on `device` (auto: CUDA, then MPS, then CPU; dtype None: the
+        device's default) and join the swarm through `initial_peers` (default: $MESH_INITIAL_PEERS); waits
+        up to `timeout` s until every block has a server."""
+        where = Device.choose(device, dtype)
         source = resolve_model(name, cache_dir)
-        head = load_head(source, dtype)
+        head = load_head(source, where.dtype, where.torch)
         tokenizer = _tokenizer_or_none(source)
         peers = list(initial_peers or env_initial_peers())
         if not peers:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model.data import Dataset, collate, epoch_order, load_jsonl
+from ..model.device import Device
 from ..model.errors import BadRequest
 from ..model.head import load_tokenizer
 from ..model.sources import resolve_model
@@ -61,6 +62,8 @@ class FinetuneConfig:
     skip_bad: bool = False
     local: bool = False
     initial_peers: list[str] = field(default_factory=list)
+    device: str = "auto"  # the client's head (and with `local`, every block): auto, cpu, cuda[:N], mps
+    dtype: str | None = None  # None: the device's default
 
     @property
     def learning_rate(self) -> float:
@@ -99,6 +102,7 @@ class Backend:
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self._model = None
+        where = Device.choose(cfg.device, cfg.dtype)
         if cfg.local:
             from transformers import AutoModelForCausalLM
 
@@ -107,7 +111,7 @@ class Backend:
             from ..model.span import span_from_model
 
             source = resolve_model(cfg.model)
-            full = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()
+            full = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=where.dtype).to(where.torch).eval()
             full.requires_grad_(False)
             self.config, self.head, self.tokenizer = full.config, head_from_model(full), load_tokenizer(source)
             self.runner = LocalRunner(span_from_model(full, 0, full.config.num_hidden_layers))
@@ -115,7 +119,8 @@ class Backend:
         else:
             from . import DistributedModelForCausalLM
 
-            self._model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers or None)
+            self._model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers or None,
+                                                                      device=where.torch, dtype=where.dtype)
             self.config, self.head, self.tokenizer = self._model.config, self._model.head, self._model.tokenizer
             self.runner = SwarmRunner(self._model, micro_batch=cfg.micro_batch)
             self.name = self._model.source.model_id

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from .common import draft_option, initial_peers_option, speculate_option
+from .common import device_option, draft_option, dtype_option, initial_peers_option, speculate_option
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["Conversation", "chat"]
@@ -119,6 +119,8 @@ def chat(
                                            "adapter the servers host."),
     speculate: str = speculate_option(),
     draft: str = draft_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Chat with MODEL through the swarm. Commands: /reset starts over, /exit leaves; Ctrl-C stops an answer."""
@@ -126,17 +128,19 @@ def chat(
 
     from .. import DistributedModelForCausalLM
     from ..model.chat import has_chat_template
+    from ..model.device import Device
     from ..model.errors import MeshError
     from ..model.speculative import parse_speculate
     from ..net.codec import check_compression
 
     setup_logging(verbose)
     check_compression(compression)
+    where = Device.choose(device, dtype)
     mode = parse_speculate(speculate)
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
-        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, compression=compression,
-                                                         exact=exact)
+        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch, dtype=where.dtype,
+                                                         compression=compression, exact=exact)
     with lm:
         lm.use_adapter(adapter)
         lm.use_speculation(mode, draft)

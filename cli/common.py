@@ -9,7 +9,8 @@ import typer
 from ..net.identity import default_identity_path
 from ..net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 
-__all__ = ["initial_peers_option", "speculate_option", "draft_option", "node_config"]
+__all__ = ["initial_peers_option", "device_option", "dtype_option", "speculate_option", "draft_option",
+           "node_config"]
 
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
                       "Without any, a server starts a new swarm.")
@@ -18,6 +19,18 @@ INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>);
 def initial_peers_option():
     """The --initial-peers option every networked command takes."""
     return typer.Option(None, "--initial-peers", "--peer", help=INITIAL_PEERS_HELP)
+
+
+def device_option():
+    """The --device option of every command that computes."""
+    return typer.Option("auto", "--device", help="Where to compute: auto (CUDA, then Apple MPS, then the CPU), cpu, "
+                        "cuda, cuda:N or mps. A device this machine lacks is an error, not a fallback.")
+
+
+def dtype_option():
+    """The --dtype option of every command that computes."""
+    return typer.Option("auto", "--dtype", help="float32, bfloat16 or float16; auto: bfloat16 on GPUs that have it, "
+                        "float16 on other GPUs and on MPS, float32 on CPUs.")
 
 
 def speculate_option():

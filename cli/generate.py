@@ -6,8 +6,8 @@ import time
 
 import typer
 
-from .common import draft_option, initial_peers_option, speculate_option
-from .output import one_line_errors, parse_dtype, stderr, write
+from .common import device_option, draft_option, dtype_option, initial_peers_option, speculate_option
+from .output import one_line_errors, stderr, write
 
 __all__ = ["generate"]
 
@@ -26,7 +26,8 @@ def generate(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
     spans: int = typer.Option(3, min=1, help="How many spans the blocks are split into (--local)."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     compression: str = typer.Option("none", help="Hidden states on the wire: none, float16, bfloat16, int8."),
     exact: bool = typer.Option(False, "--exact", help="Use only float32, unquantized servers (reproducible)."),
     speculate: str = speculate_option(),
@@ -35,6 +36,7 @@ def generate(
     """Generate a completion for one prompt, through the swarm (or every block here with --local)."""
     import torch
 
+    from ..model.device import Device
     from ..model.chat import TextStream, encode_messages, encode_text, has_chat_template
     from ..model.generation import Generator, LocalSpans, SamplingConfig
     from ..model.head import load_tokenizer
@@ -42,20 +44,20 @@ def generate(
     from ..model.sources import resolve_model
     from ..model.speculative import load_draft, new_speculator, parse_speculate
 
-    torch_dtype = parse_dtype(dtype)
+    where = Device.choose(device, dtype)
     mode = parse_speculate(speculate)
     torch.manual_seed(seed)
     if local:
         source = resolve_model(model)
         tokenizer = load_tokenizer(source)
         with stderr().status(f"loading {source.name} ({source.num_blocks} blocks in {spans} spans)"):
-            head, span_list = load_local(source, torch_dtype, spans)
+            head, span_list = load_local(source, where.dtype, spans, where.torch)
     else:
         from .. import DistributedModelForCausalLM
 
         with stderr().status(f"joining the swarm for {model}"):
-            lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, dtype=torch_dtype,
-                                                             compression=compression, exact=exact)
+            lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch,
+                                                             dtype=where.dtype, compression=compression, exact=exact)
         tokenizer, head = lm.tokenizer, lm.head
     try:
         ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])

@@ -52,7 +52,7 @@ def demo(
             chat(model="smollm2", initial_peers=swarm.initial_peers, prompt=prompt, system=None,
                  max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                  seed=0, max_length=2048, compression="none", exact=False, adapter=None, speculate="auto",
-                 draft=None, verbose=0)
+                 draft=None, device="auto", dtype="auto", verbose=0)
         finally:
             with stderr().status("stopping the servers"):
                 swarm.stop()

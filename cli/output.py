@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 
 from ..model.errors import MeshError
 
-__all__ = ["stderr", "one_line_errors", "setup_logging", "parse_dtype", "write"]
+__all__ = ["stderr", "one_line_errors", "setup_logging", "write"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -90,17 +90,6 @@ class _PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", "\\n")
-
-
-def parse_dtype(name: str):
-    """A --dtype value as a torch dtype, or a BadRequest."""
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name.lower() not in table:
-        raise typer.BadParameter(f"{name!r} is not one of float32, bfloat16, float16")
-    return table[name.lower()]
 
 
 def write(text: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from .common import initial_peers_option, node_config
-from .output import one_line_errors, parse_dtype, setup_logging, write
+from .common import device_option, dtype_option, initial_peers_option, node_config
+from .output import one_line_errors, setup_logging, write
 from ..net import defaults
 
 __all__ = ["serve"]
@@ -26,11 +26,14 @@ def serve(
     identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key; "
                                                "while another server here uses it, identity-2.key, …)."),
     new_identity: bool = typer.Option(False, "--new-identity", help="Use a fresh identity for this run only."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16: weights and compute."),
-    quant: str = typer.Option(defaults.QUANT, help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quant: str = typer.Option(defaults.QUANT, help="Quantize the span's linear layers: none, int8 (LLM.int8) or nf4 "
+                              "(bitsandbytes; MPS has nf4 only); auto: nf4 on CUDA when the blocks would not fit "
+                              "unquantized, else none."),
     max_memory: float = typer.Option(None, "--max-memory", "--memory",
                                      help="With --blocks auto: GB for the blocks (at --quant) and their attention "
-                                          "cache (default: half the available memory)."),
+                                          "cache (default: half of the device's free memory)."),
     balance_period: float = typer.Option(defaults.BALANCE_PERIOD, min=0.0,
                                          help="With --blocks auto: mean seconds between checks whether moving "
                                               "would help the swarm (0: never move)."),
@@ -63,6 +66,7 @@ def serve(
     """
     import trio
 
+    from ..model.device import Device
     from ..model.quant import check_quant
     from ..net.quotas import parse_limits
     from ..net.server import ServerConfig, run_server
@@ -72,9 +76,10 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
+    where = Device.choose(device, dtype)
     config = ServerConfig(model=model, blocks=blocks,
                           node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
-                          dtype=parse_dtype(dtype), quant=check_quant(quant), max_memory_gb=max_memory,
+                          device=where, quant=check_quant(quant, where.torch), max_memory_gb=max_memory,
                           balance_period=balance_period, join_delay=join_delay, bandwidth_mbps=bandwidth,
                           remeasure=remeasure, adapters=list(adapter or []),
                           cache_tokens=cache_tokens, max_length=max_length,

@@ -16,11 +16,17 @@ from . import compat
 from .sources import ModelSource
 from .weights import Checkpoint
 
+HOST = torch.device("cpu")
+
 __all__ = ["ClientHead", "token_positions", "prepend_prefix", "head_from_model", "load_head", "load_tokenizer"]
 
 
 class ClientHead(nn.Module):
-    """Token embeddings in, logits out; everything between runs on spans."""
+    """Token embeddings in, logits out; everything between runs on spans.
+
+    Computes on the device its weights live on and hands results back on the host: embeddings go to the
+    wire (or to local spans, which move them where they run) and logits to the sampler or the loss, both of
+    which the client keeps on the host."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -38,17 +44,28 @@ class ClientHead(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device)
         if self.family.name == "llama":
-            return self.base.embed_tokens(input_ids)
-        return self.base.word_embeddings_layernorm(self.base.word_embeddings(input_ids))
+            return self.base.embed_tokens(ids).to(HOST)
+        return self.base.word_embeddings_layernorm(self.base.word_embeddings(ids)).to(HOST)
+
+    def parts(self) -> list[nn.Module]:
+        """The modules the head runs (the rest of its model class, rotary tables and all, stays unused)."""
+        llama = self.family.name == "llama"
+        extra = [] if llama else [self.base.word_embeddings_layernorm]
+        return [self.embedding_layer(), *extra, self.base.norm if llama else self.base.ln_f, self.model.lm_head]
 
     def embedding_layer(self) -> nn.Embedding:
         return self.base.embed_tokens if self.family.name == "llama" else self.base.word_embeddings
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         norm = self.base.norm if self.family.name == "llama" else self.base.ln_f
-        return self.model.lm_head(norm(hidden.to(self.dtype)))
+        return self.model.lm_head(norm(hidden.to(self.device, self.dtype))).to(HOST)
 
 
 def token_positions(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -72,8 +89,9 @@ def head_from_model(model: nn.Module) -> ClientHead:
     return ClientHead(model)
 
 
-def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> ClientHead:
-    """The client's part of a model (embeddings, final norm, LM head), reading no block."""
+def load_head(source: ModelSource, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> ClientHead:
+    """The client's part of a model (embeddings, final norm, LM head) on `device`, reading no block."""
     config = copy.deepcopy(source.config)
     family = compat.family_of(config)
     config.num_hidden_layers = 0
@@ -102,7 +120,10 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> Client
     if tied or "lm_head.weight" not in state:
         model.lm_head.weight = model.get_input_embeddings().weight
     model.to(dtype)
-    return ClientHead(model)
+    head = ClientHead(model)
+    for part in head.parts():  # only these: unused buffers of the model class are still on the meta device
+        part.to(device)
+    return head
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:

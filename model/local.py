@@ -27,10 +27,10 @@ def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def load_local(source: ModelSource, dtype: torch.dtype = torch.float32,
-               num_spans: int = 3) -> tuple[ClientHead, list[Span]]:
-    """The head and every block in this process, in `num_spans` spans (the reference run)."""
-    head = load_head(source, dtype)
-    spans = [load_span(source.path, source.config, a, b, dtype, fetch=source.fetch)
+def load_local(source: ModelSource, dtype: torch.dtype = torch.float32, num_spans: int = 3,
+               device: torch.device | str = "cpu") -> tuple[ClientHead, list[Span]]:
+    """The head and every block on `device` in this process, in `num_spans` spans (the reference run)."""
+    head = load_head(source, dtype, device)
+    spans = [load_span(source.path, source.config, a, b, dtype, fetch=source.fetch, device=device)
              for a, b in split_evenly(source.num_blocks, num_spans)]
     return head, spans

@@ -79,6 +79,11 @@ class LoraWeights:
         i, j = start - self.start, end - self.start
         return LoraWeights(self.spec, start, end, self.a[i:j], self.b[i:j])
 
+    def to(self, device: torch.device | str) -> "LoraWeights":
+        """The same adapters on `device`."""
+        return LoraWeights(self.spec, self.start, self.end, [[t.to(device) for t in row] for row in self.a],
+                           [[t.to(device) for t in row] for row in self.b])
+
     def tensors(self) -> list[torch.Tensor]:
         """Flat, in order: block, target, A then B (the wire order and the gradient order)."""
         return [t for ab, bb in zip(self.a, self.b) for pair in zip(ab, bb) for t in pair]
@@ -152,7 +157,7 @@ def applied(layers: Sequence[nn.Module], lora: LoraWeights | None) -> Iterator[N
 
                 def hook(mod, inputs, output, a=a, b=b):
                     x = inputs[0]
-                    return output + scale * ((x @ a.to(x.dtype).T) @ b.to(x.dtype).T)
+                    return output + scale * ((x @ a.to(x.device, x.dtype).T) @ b.to(x.device, x.dtype).T)
 
                 handles.append(module.register_forward_hook(hook))
         yield

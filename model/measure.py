@@ -1,9 +1,11 @@
 """How fast this host runs one block, and how much memory a span needs.
 
-The speed is measured on one block with random weights, converted as served (dtype, quantization), so a
-server knows its throughput before it chooses its blocks. Results are cached per (host, model, dtype,
-quantization, threads) in `throughput.json` under the cache folder, behind a file lock, so servers
-starting together on one host measure one at a time and a restart skips the measurement.
+The speed is measured on one block with random weights, converted as served (device, dtype, quantization),
+so a server knows its throughput before it chooses its blocks. GPUs run kernels asynchronously, so the
+timed regions synchronize the device and last long enough to average out launch jitter. Results are
+cached per (host, device name, model, dtype, quantization, threads) in `throughput.json` under the cache
+folder, behind a file lock, so servers starting together on one host measure one at a time and a restart
+skips the measurement.
 """
 
 from __future__ import annotations
@@ -22,51 +24,63 @@ import torch
 from transformers import PretrainedConfig
 
 from . import compat
+from .device import Device
 from .quant import bytes_per_block, quantizer
 from .span import Span, block_params
 
-__all__ = ["measure_block", "measurement_key", "cached", "available_memory", "default_budget", "block_bytes",
+__all__ = ["measure_block", "measurement_key", "cached", "default_budget", "block_bytes",
            "cache_bytes_per_block", "work_bytes"]
 
 log = logging.getLogger("mesh.measure")
 
-DECODE_STEPS = 32
-FORWARD_TOKENS = 256
-FORWARD_REPEATS = 3
+DECODE_STEPS = 32  # at least this many timed single-token steps …
+FORWARD_TOKENS = {"cpu": 256, "gpu": 1024}  # tokens per timed forward pass: a replay chunk on a CPU, a training
+                                             # micro-batch (4 rows of 256) on a GPU, where small passes idle it
+MIN_SECONDS = 0.3  # … and timed regions of at least this long, so fast GPU steps are not lost in timer noise
+MAX_STEPS = 1024
 CACHE_FILE = "throughput.json"
 MEMORY_SHARE = 0.5  # of the available memory, when no budget is given
 
 
-def measure_block(config: PretrainedConfig, dtype: torch.dtype, quant: str) -> tuple[float, float]:
-    """(decode steps/s, forward tokens/s) of one block: single-token steps with a growing cache after a
-    short prefill, and FORWARD_TOKENS-token forward passes without a cache."""
+def _timed(device: Device, step: Callable[[int], None], least: int) -> float:
+    """Calls of `step(i)` per second, synchronizing the device around the timed region: at least `least`
+    calls and MIN_SECONDS, at most MAX_STEPS calls."""
+    device.synchronize()
+    t0, n = time.perf_counter(), 0
+    while n < least or (time.perf_counter() - t0 < MIN_SECONDS and n < MAX_STEPS):
+        step(n)
+        n += 1
+        if n >= least:
+            device.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def measure_block(config: PretrainedConfig, device: Device, quant: str) -> tuple[float, float]:
+    """(decode steps/s, forward tokens/s) of one block on `device`: single-token steps with a growing cache
+    after a short prefill, and forward passes of a realistic size without a cache."""
     config = compat.ensure_attention(config)
-    layer = compat.build_layer(compat.family_of(config), config, 0).to(dtype)
-    hook = quantizer(quant, dtype)
-    span = Span(config, 0, 1, [hook(layer, 0) if hook else layer], dtype)
-    h = config.hidden_size
+    layer = compat.build_layer(compat.family_of(config), config, 0).to(device.dtype)
+    hook = quantizer(quant, device.dtype, device.torch)
+    span = Span(config, 0, 1, [(hook(layer, 0) if hook else layer).to(device.torch)], device.dtype)
+    tokens = FORWARD_TOKENS["cpu" if device.type == "cpu" else "gpu"]
     with torch.no_grad():
-        x = torch.randn(1, FORWARD_TOKENS, h, dtype=dtype)
-        pos = torch.arange(FORWARD_TOKENS)[None]
+        x = device.put(torch.randn(1, tokens, config.hidden_size), device.dtype)
+        pos = device.put(torch.arange(tokens)[None])
         span(x, pos)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(FORWARD_REPEATS):
-            span(x, pos)
-        forward = FORWARD_REPEATS * FORWARD_TOKENS / (time.perf_counter() - t0)
-        cache = span.new_cache(1, 16 + DECODE_STEPS + 1)
+        forward = tokens * _timed(device, lambda _: span(x, pos), 3)
+        cache = span.new_cache(1, 16 + MAX_STEPS + 2)
         span(x[:, :16], pos[:, :16], cache)
         span(x[:, 16:17], pos[:, 16:17], cache)  # warm-up
-        t0 = time.perf_counter()
-        for i in range(DECODE_STEPS):
-            span(x[:, 17 + i:18 + i], pos[:, 17 + i:18 + i], cache)
-        decode = DECODE_STEPS / (time.perf_counter() - t0)
+        step = device.put(torch.randn(1, 1, config.hidden_size), device.dtype)
+        decode = _timed(device, lambda i: span(step, pos[:, :1] + 17 + i, cache), DECODE_STEPS)
     return decode, forward
 
 
-def measurement_key(model_id: str, dtype: torch.dtype, quant: str) -> str:
-    """What a cached throughput measurement depends on: host, model, dtype, quantization, threads."""
+def measurement_key(model_id: str, device: Device, quant: str) -> str:
+    """What a cached throughput measurement depends on: host, device (by name), model, dtype, quantization,
+    threads."""
     cpu = platform.processor() or platform.machine()
-    return (f"host={platform.node()}|cpu={cpu}|model={model_id}|dtype={str(dtype).removeprefix('torch.')}"
+    return (f"host={platform.node()}|cpu={cpu}|device={device.name}|model={model_id}|dtype={device.dtype_name}"
             f"|quant={quant}|threads={torch.get_num_threads()}")
 
 
@@ -99,20 +113,9 @@ def cached(folder: Path, key: str, measure: Callable[[], dict], fresh: bool = Fa
         return result, False
 
 
-def available_memory() -> int:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable), or free pages."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def default_budget() -> int:
-    """Bytes a server takes without --max-memory: a share of what is free."""
-    return int(MEMORY_SHARE * available_memory())
+def default_budget(device: Device) -> int:
+    """Bytes a server takes without --max-memory: a share of what is free on its device."""
+    return int(MEMORY_SHARE * device.free_memory())
 
 
 def block_bytes(config: PretrainedConfig, quant: str, dtype: torch.dtype) -> float:

@@ -67,6 +67,12 @@ class SpanGrads(NamedTuple):
     prompts: torch.Tensor | None
     lora: list[torch.Tensor] | None  # in LoraWeights.tensors() order
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> "SpanGrads":
+        """On `device`, input and prompt gradients at `dtype` (LoRA ones stay float32)."""
+        return SpanGrads(self.hidden.to(device, dtype),
+                         self.prompts.to(device, dtype) if self.prompts is not None else None,
+                         [g.to(device) for g in self.lora] if self.lora is not None else None)
+
 
 @dataclass
 class Graph:
@@ -79,7 +85,8 @@ class Graph:
 
     def backward(self, grad_output: torch.Tensor) -> SpanGrads:
         inputs = [self.hidden] + ([self.prompts] if self.prompts is not None else []) + (self.lora or [])
-        grads = torch.autograd.grad(self.output, inputs, grad_output.to(self.output.dtype), allow_unused=True)
+        grads = torch.autograd.grad(self.output, inputs, grad_output.to(self.output.device, self.output.dtype),
+                                    allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs)]
         k = 2 if self.prompts is not None else 1
         return SpanGrads(grads[0], grads[1] if self.prompts is not None else None,
@@ -87,7 +94,10 @@ class Graph:
 
 
 class Span(nn.Module):
-    """Blocks [start, end) of a model with `forward` (with or without cache) and `backward`."""
+    """Blocks [start, end) of a model with `forward` (with or without cache) and `backward`.
+
+    Inputs may come from any device (the wire decodes to the host); the span moves them to the device its
+    weights live on, and its outputs stay there until the caller sends them on."""
 
     def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module],
                  dtype: torch.dtype) -> None:
@@ -97,6 +107,7 @@ class Span(nn.Module):
         self.dtype = dtype
         self.family = compat.family_of(config)
         self.layers = nn.ModuleList(layers)
+        self.device = next((p.device for p in self.layers.parameters()), torch.device("cpu"))
         self.runner = compat.LayerRunner(self.family, config, first_layer=start)
         self.requires_grad_(False)
         self.eval()
@@ -122,7 +133,7 @@ class Span(nn.Module):
         if batch_size < 1 or max_length < 1:
             raise BadRequest(f"bad cache shape: batch {batch_size}, max_length {max_length}")
         return SpanCache(batch_size, max_length, self.start, compat.new_kv_cache(self.config),
-                         torch.ones(batch_size, 0, dtype=torch.long))
+                         torch.ones(batch_size, 0, dtype=torch.long, device=self.device))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | None = None,
                 attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
@@ -136,8 +147,8 @@ class Span(nn.Module):
         """
         self._check(hidden, position_ids, attention_mask, cache)
         batch, new = hidden.shape[:2]
-        new_mask = (attention_mask.to(torch.long) if attention_mask is not None
-                    else torch.ones(batch, new, dtype=torch.long))
+        new_mask = (attention_mask.to(self.device, torch.long) if attention_mask is not None
+                    else torch.ones(batch, new, dtype=torch.long, device=self.device))
         if cache is not None:
             if cache.length + new > cache.max_length:
                 raise MaxLengthExceeded(
@@ -146,7 +157,8 @@ class Span(nn.Module):
             full_mask = torch.cat([cache.mask, new_mask], dim=1)
         else:
             full_mask = new_mask
-        hidden = hidden.to(self.dtype)
+        hidden = hidden.to(self.device, self.dtype)
+        position_ids = position_ids.to(self.device)
         kv = cache.kv if cache is not None else None
         prepared = self.runner.prepare(hidden, position_ids, kv, full_mask)
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks
@@ -157,7 +169,7 @@ class Span(nn.Module):
         with lora_applied(self.layers, lora):
             for i, layer in enumerate(self.layers):
                 if prompts is not None:
-                    p = prompts[i].to(hidden.dtype)
+                    p = prompts[i].to(self.device, hidden.dtype)
                     hidden = torch.cat([hidden[:, : p.shape[1]] + p, hidden[:, p.shape[1]:]], dim=1)
                 hidden = self.runner.call(layer, hidden, position_ids, kv, prepared)
         if cache is not None:
@@ -175,11 +187,11 @@ class Span(nn.Module):
                            lora: LoraWeights | None = None) -> "Graph":
         """A forward pass that keeps what its backward needs, so the backward does not recompute it."""
         with torch.enable_grad():
-            x = hidden.detach().to(self.dtype).requires_grad_(True)
-            p = prompts.detach().to(self.dtype).requires_grad_(True) if prompts is not None else None
+            x = hidden.detach().to(self.device, self.dtype).requires_grad_(True)
+            p = prompts.detach().to(self.device, self.dtype).requires_grad_(True) if prompts is not None else None
             adapters = None
             if lora is not None:
-                flat = [t.detach().to(torch.float32).requires_grad_(True) for t in lora.tensors()]
+                flat = [t.detach().to(self.device, torch.float32).requires_grad_(True) for t in lora.tensors()]
                 adapters = LoraWeights.from_tensors(lora.spec, lora.start, lora.end, flat)
             out = self.forward(x, position_ids, None, attention_mask, p, adapters)
         return Graph(out, x, p, adapters.tensors() if adapters is not None else None)
@@ -206,9 +218,12 @@ def check_range(config: PretrainedConfig, start: int, end: int) -> None:
 
 
 def load_span(folder, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
-              hook: LayerHook | None = None, fetch: Fetch | None = None) -> Span:
-    """Build blocks [start, end) reading only their tensors from the checkpoint in `folder` (with `fetch`,
-    downloading only the files that hold them)."""
+              hook: LayerHook | None = None, fetch: Fetch | None = None,
+              device: torch.device | str = "cpu") -> Span:
+    """Build blocks [start, end) on `device`, reading only their tensors from the checkpoint in `folder`
+    (with `fetch`, downloading only the files that hold them). Each layer is read on the host, passed to
+    `hook` there (bitsandbytes quantizes a host weight as it moves it to the device), then moved, so the
+    device never holds more than the span."""
     check_range(config, start, end)
     family = compat.family_of(config)
     ckpt = Checkpoint.open(folder, fetch)
@@ -219,7 +234,7 @@ def load_span(folder, config: PretrainedConfig, start: int, end: int, dtype: tor
         state = read_block(ckpt, family.layer_prefixes, i, dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         layer = layer.to(dtype)
-        layers.append(hook(layer, i) if hook is not None else layer)
+        layers.append((hook(layer, i) if hook is not None else layer).to(device))
     return Span(config, start, end, layers, dtype)
 
 

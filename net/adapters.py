@@ -73,8 +73,10 @@ class AdapterCache:
     and in all)."""
 
     def __init__(self, hosted: dict[str, LoraWeights] | None = None, capacity: int = CACHE_SIZE,
-                 per_peer: int = 4, max_rank: int = 64, shapes: Shapes | None = None) -> None:
-        self.hosted = dict(hosted or {})
+                 per_peer: int = 4, max_rank: int = 64, shapes: Shapes | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)  # the span's: weights move there once, not on every step
+        self.hosted = {name: weights.to(self.device) for name, weights in (hosted or {}).items()}
         self.capacity, self.per_peer, self.max_rank = capacity, per_peer, max_rank
         self.shapes = shapes  # None: shapes are left to the span (tests without a model config)
         self._recent: OrderedDict[str, tuple[str, LoraWeights]] = OrderedDict()  # key -> (sender, weights)
@@ -101,7 +103,7 @@ class AdapterCache:
         if content_key(ref.spec, start, end, ref.tensors) != ref.key:
             raise BadRequest("lora.key: not the sha256 of the weights sent with it",
                              hint="name an adapter by content_key() of its spec, blocks and weights")
-        lora = LoraWeights.from_tensors(ref.spec, start, end, ref.tensors)
+        lora = LoraWeights.from_tensors(ref.spec, start, end, [t.to(self.device) for t in ref.tensors])
         self._recent[ref.key] = (peer, lora)
         self._recent.move_to_end(ref.key)
         mine = [k for k, (owner, _) in self._recent.items() if owner == peer]

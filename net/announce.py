@@ -57,6 +57,7 @@ class ServerInfo:
     network_rps: float = 0.0  # hidden states/s its link carries
     cache_tokens_free: int = 0
     dtype: str = "float32"
+    device: str = "cpu"  # the GPU's name, "mps" or "cpu"
     quant: str = "none"
     version: str = ""
     public_name: str = ""
@@ -158,7 +159,8 @@ _CHECKS = {
     "peer_id": _string(128, empty=False), "model_id": _string(256, empty=False),
     "start": _integer(0, MAX_BLOCK), "end": _integer(1, MAX_BLOCK), "state": _state,
     "addrs": _strings(16, 512), "throughput": _rate, "inference_rps": _rate, "forward_rps": _rate,
-    "network_rps": _rate, "cache_tokens_free": _integer(0, 1 << 40), "dtype": _string(32), "quant": _string(32),
+    "network_rps": _rate, "cache_tokens_free": _integer(0, 1 << 40), "dtype": _string(32), "device": _string(64),
+    "quant": _string(32),
     "version": _string(32), "public_name": _string(64), "relayed": _boolean, "next_pings": _pings,
     "adapters": _strings(64, 200), "total_blocks": _integer(0, MAX_BLOCK),
     "timestamp": _number(-1e12, 1e12, clamp=False), "ttl": _number(MIN_TTL, MAX_TTL, clamp=True),

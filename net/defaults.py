@@ -9,7 +9,7 @@ __all__ = ["BLOCKS", "QUANT", "JOIN_DELAY", "BALANCE_PERIOD", "CACHE_TOKENS", "M
            "IDLE_TIMEOUT"]
 
 BLOCKS = "auto"  # "START:END" or "auto"
-QUANT = "none"  # "none", "int8" or "nf4": the span's linear layers
+QUANT = "auto"  # "none", "int8", "nf4" or "auto" (nf4 on CUDA when the blocks would not fit, else none)
 JOIN_DELAY = 2.5  # with --blocks auto: wait U(0, 2 × this) s before choosing, so joiners spread
 BALANCE_PERIOD = 60.0  # with --blocks auto: mean s between rebalancing checks (0: never move)
 CACHE_TOKENS = 32768  # sum of max_length × batch over open sessions

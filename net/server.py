@@ -6,6 +6,7 @@ and the training calls', goes through the server's one compute lane (`net/lane.p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -23,11 +24,12 @@ from ..balancing.placement import (MIN_GAIN, MovePlan, Placed, blocks_for_memory
 from ..balancing.throughput import DEFAULT_BANDWIDTH, Measurement, network_rps, server_throughput
 from ..model.errors import BadRequest
 from ..model.lora import LoraWeights, load_peft, lora_shapes
-from ..model.measure import (available_memory, block_bytes, cache_bytes_per_block, cached, default_budget,
+from ..model.device import Device
+from ..model.measure import (block_bytes, cache_bytes_per_block, cached, default_budget,
                              measure_block, measurement_key, work_bytes)
-from ..model.quant import quantizer
+from ..model.quant import quantizer, resolve_quant
 from ..model.sources import ModelSource, cache_root, resolve_model
-from ..model.span import Span, load_span
+from ..model.span import Graph, Span, load_span
 from . import defaults, wire
 from .client import ping, probe_link
 from .adapters import AdapterCache
@@ -45,7 +47,7 @@ from .announce import ServerInfo, ServerState
 from .swarm import Swarm, open_swarm
 
 __all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit", "measure_link",
-           "measure_throughput", "assemble_span", "placed", "KeptGraphs", "Server", "frame_bytes", "relay_candidates",
+           "measure_throughput", "with_quant", "assemble_span", "placed", "KeptGraphs", "Server", "frame_bytes", "relay_candidates",
            "run_server"]
 
 log = logging.getLogger("mesh.server")
@@ -64,8 +66,8 @@ class ServerConfig:
     model: str
     blocks: str = defaults.BLOCKS
     node: NodeConfig = field(default_factory=NodeConfig)
-    dtype: torch.dtype = torch.float32
-    quant: str = defaults.QUANT
+    device: Device = field(default_factory=Device.cpu)  # where the span computes, and at which dtype
+    quant: str = defaults.QUANT  # "auto" until run_server resolves it
     max_memory_gb: float | None = None  # with --blocks auto: blocks + their cache (None: a share of free RAM)
     join_delay: float = defaults.JOIN_DELAY
     balance_period: float = defaults.BALANCE_PERIOD
@@ -107,10 +109,22 @@ def parse_blocks(text: str, num_blocks: int) -> tuple[int, int] | None:
 def blocks_that_fit(source: ModelSource, config: "ServerConfig") -> int:
     """How many blocks the memory budget holds: weights at the served width plus each block's share of the
     attention-cache budget, after a reserve for one request's working memory."""
-    budget = config.max_memory_gb * 1e9 if config.max_memory_gb is not None else default_budget()
-    return blocks_for_memory(budget, block_bytes(source.config, config.quant, config.dtype),
-                             cache_bytes_per_block(source.config, config.cache_tokens, config.dtype),
-                             work_bytes(source.config, config.max_length, config.dtype), source.num_blocks)
+    budget = config.max_memory_gb * 1e9 if config.max_memory_gb is not None else default_budget(config.device)
+    dtype = config.device.dtype
+    return blocks_for_memory(budget, block_bytes(source.config, config.quant, dtype),
+                             cache_bytes_per_block(source.config, config.cache_tokens, dtype),
+                             work_bytes(source.config, config.max_length, dtype), source.num_blocks)
+
+
+def with_quant(source: ModelSource, config: "ServerConfig", fixed: tuple[int, int] | None) -> "ServerConfig":
+    """`config` with --quant auto made concrete: quantized only on CUDA, only when the blocks asked for (all
+    of them, for --blocks auto) would not fit unquantized."""
+    wanted = fixed[1] - fixed[0] if fixed is not None else source.num_blocks
+    fits = blocks_that_fit(source, dataclasses.replace(config, quant="none")) >= wanted
+    quant = resolve_quant(config.quant, config.device.torch, fits)
+    if quant != config.quant:
+        log.info("--quant auto: %s on %s", quant, config.device.name)
+    return dataclasses.replace(config, quant=quant)
 
 
 async def measure_link(node: Node) -> float | None:
@@ -126,11 +140,12 @@ async def measure_link(node: Node) -> float | None:
 async def measure_throughput(config: "ServerConfig", source: ModelSource, node: Node) -> Measurement:
     """This host's per-block rates for this model (cached, see model/measure.py) and its link's rate:
     `--bandwidth` if given, else a probe to a peer, else DEFAULT_BANDWIDTH."""
-    key = measurement_key(source.model_id, config.dtype, config.quant)
+    key = measurement_key(source.model_id, config.device, config.quant)
 
     def run() -> dict:
-        log.info("measuring throughput of one block (%s, quantization %s)", config.dtype, config.quant)
-        decode, forward = measure_block(source.config, config.dtype, config.quant)
+        log.info("measuring throughput of one block (%s, %s, quantization %s)", config.device.name,
+                 config.device.dtype_name, config.quant)
+        decode, forward = measure_block(source.config, config.device, config.quant)
         return {"inference_rps": decode, "forward_rps": forward}
 
     rates, hit = await trio.to_thread.run_sync(
@@ -152,7 +167,8 @@ def assemble_span(old: Span | None, src: ModelSource, start: int, end: int, conf
     """Blocks [start, end): layers `old` holds are reused, the rest read from the checkpoint; then one
     warm-up pass at a replay chunk's size, since a first large pass pays allocator and page-fault costs
     that would otherwise land on the first client that fails over to us."""
-    hook = quantizer(config.quant, config.dtype)
+    device = config.device
+    hook = quantizer(config.quant, device.dtype, device.torch)
     layers: list = []
     b = start
     while b < end:
@@ -161,11 +177,13 @@ def assemble_span(old: Span | None, src: ModelSource, start: int, end: int, conf
             layers += list(old.layers[b - old.start:stop - old.start])
         else:
             stop = min(end, old.start) if old is not None and old.start > b else end
-            layers += list(load_span(src.path, src.config, b, stop, config.dtype, hook, src.fetch).layers)
+            layers += list(load_span(src.path, src.config, b, stop, device.dtype, hook, src.fetch,
+                                     device.torch).layers)
         b = stop
-    span = Span(src.config, start, end, layers, config.dtype)
+    span = Span(src.config, start, end, layers, device.dtype)
     with torch.no_grad():
-        span(torch.randn(1, WARMUP_TOKENS, span.hidden_size, dtype=span.dtype), torch.arange(WARMUP_TOKENS)[None])
+        span(torch.randn(1, WARMUP_TOKENS, span.hidden_size), torch.arange(WARMUP_TOKENS)[None])
+    device.synchronize()
     return span
 
 
@@ -227,7 +245,8 @@ class Server:
         self.training = TrainingCounters()
         self.state = ServerState.JOINING
         self.adapters = AdapterCache(hosted, per_peer=quotas.adapters_per_peer, max_rank=quotas.adapter_rank,
-                                     shapes=functools.lru_cache(maxsize=16)(functools.partial(lora_shapes, source.config)))
+                                     shapes=functools.lru_cache(maxsize=16)(functools.partial(lora_shapes, source.config)),
+                                     device=config.device.torch)
         self.graphs = KeptGraphs(quotas.kept_graphs_per_peer)
         self._announce_now = trio.Event()
         self.rtt = RttTracker(node)
@@ -244,7 +263,8 @@ class Server:
             peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.blocks[0], end=self.blocks[1],
             state=self.state, throughput=self.throughput, inference_rps=m.inference_rps,
             forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.sessions.budget.free,
-            dtype=str(self.config.dtype).removeprefix("torch."), quant=self.config.quant, version=__version__,
+            dtype=self.config.device.dtype_name, device=self.config.device.name, quant=self.config.quant,
+            version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,
             next_pings=dict(self.rtt.rtt), adapters=sorted(self.adapters.hosted), relayed=self.node.relayed,
             ttl=max(3.0 * self.config.announce_period, 2.0))
@@ -280,8 +300,9 @@ class Server:
     async def load(self, start: int, end: int) -> None:
         """Load blocks [start, end) (reusing layers the current span already holds) and warm them up."""
         t0 = time.perf_counter()
-        log.info("loading blocks %d:%d of %s (%s, quantization %s)", start, end, self.source.name, self.config.dtype,
-                 self.config.quant)
+        device = self.config.device
+        log.info("loading blocks %d:%d of %s (%s, %s, quantization %s)", start, end, self.source.name, device.name,
+                 device.dtype_name, self.config.quant)
         self.span = await trio.to_thread.run_sync(assemble_span, self.span, self.source, start, end, self.config)
         log.info("loaded %d blocks in %.1f s", end - start, time.perf_counter() - t0)
 
@@ -343,8 +364,8 @@ class Server:
         self.blocks = (start, end)
         await self.set_state(ServerState.JOINING)
         fresh = sum(1 for b in range(start, end) if not old[0] <= b < old[1])
-        need = fresh * block_bytes(self.source.config, self.config.quant, self.config.dtype)
-        if need > 0.8 * available_memory():
+        need = fresh * block_bytes(self.source.config, self.config.quant, self.config.device.dtype)
+        if need > 0.8 * self.config.device.free_memory():
             log.info("not enough free memory to load %d new blocks beside the old ones: draining first", fresh)
             await self.sessions.wait_closed(self.config.drain_timeout)
             self.span = self.span.sub(max(start, old[0]), min(end, old[1])) if fresh < end - start else None
@@ -409,15 +430,19 @@ class Server:
         peer = _peer(stream)
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel(), peer)
         tokens = req.hidden.shape[0] * req.hidden.shape[1]
+        # results come back to the host (where the request was decoded) inside the lane's call, so the wait
+        # for a GPU is the lane's
+        host, dtype = req.hidden.device, req.hidden.dtype
         if req.keep:
-            graph = await self.lane.run(lambda: span.forward_with_graph(req.hidden, req.position_ids,
-                                                                        req.attention_mask, req.prompts, lora),
-                                        tokens=tokens, peer=peer)
+            def forward_keeping() -> tuple[Graph, torch.Tensor]:
+                graph = span.forward_with_graph(req.hidden, req.position_ids, req.attention_mask, req.prompts, lora)
+                return graph, graph.output.detach().to(host, dtype)
+
+            graph, out = await self.lane.run(forward_keeping, tokens=tokens, peer=peer)
             self.graphs.put((peer, req.keep), (req.start, req.end, graph))
-            out = graph.output.detach().to(req.hidden.dtype)
         else:
             out = await self.lane.run(lambda: span(req.hidden, req.position_ids, None, req.attention_mask,
-                                                   req.prompts, lora).to(req.hidden.dtype), tokens=tokens, peer=peer)
+                                                   req.prompts, lora).to(host, dtype), tokens=tokens, peer=peer)
         self.training.forwards += 1
         await wire.write_frame(stream, ForwardReply(out).to_wire(req.compression))
 
@@ -430,15 +455,16 @@ class Server:
         lora = self.adapters.resolve(req.lora, req.start, req.end, self._max_numel(), peer)
         kept = self.graphs.pop((peer, req.keep)) if req.keep else None
         tokens = req.hidden.shape[0] * req.hidden.shape[1]
+        host, dtype = req.hidden.device, req.hidden.dtype
         if kept is not None and kept[:2] == (req.start, req.end) and kept[2].output.shape == req.grad_output.shape:
-            grads = await self.lane.run(lambda: kept[2].backward(req.grad_output), tokens=tokens, peer=peer)
+            grads = await self.lane.run(lambda: kept[2].backward(req.grad_output).to(host, dtype), tokens=tokens,
+                                        peer=peer)
         else:  # nothing kept (another server ran the forward, or it expired): recompute it
             grads = await self.lane.run(lambda: span.backward(req.hidden, req.grad_output, req.position_ids,
-                                                              req.attention_mask, req.prompts, lora),
+                                                              req.attention_mask, req.prompts, lora).to(host, dtype),
                                         tokens=tokens, peer=peer)
         self.training.backwards += 1
-        reply = BackwardReply(grads.hidden.to(req.hidden.dtype),
-                              grads.prompts.to(req.hidden.dtype) if grads.prompts is not None else None,
+        reply = BackwardReply(grads.hidden, grads.prompts,
                               [encode_tensor(g) for g in grads.lora] if grads.lora is not None else None)
         await wire.write_frame(stream, reply.to_wire(req.compression))
 
@@ -489,6 +515,7 @@ async def run_server(config: ServerConfig, *, stop: trio.Event | None = None,
     """Measure, choose blocks, load, join and serve until `stop` is set; then drain and say OFFLINE."""
     source = await trio.to_thread.run_sync(lambda: resolve_model(config.model, config.cache_dir))
     fixed = parse_blocks(config.blocks, source.num_blocks)
+    config = with_quant(source, config, fixed)
     rng = random.Random()
     async with open_node(config.node) as node, open_swarm(node, follow=[source.model_id]) as swarm:
         servers: list[Server] = []  # a relay change asks the server (once it exists) to announce at once

@@ -216,7 +216,8 @@ def _run_chunk(span: Span, cache: SpanCache, step: Step, a: int, b: int, lora: L
     mask = step.attention_mask[:, a:b] if step.attention_mask is not None else None
     with torch.no_grad():
         out = span(step.hidden[:, a:b], step.position_ids[:, a:b], cache, mask, prompts, lora)
-    return out.to(step.hidden.dtype)
+    return out.to(step.hidden.device, step.hidden.dtype)  # to the host inside the lane's call: the wait for a
+    # GPU is the lane's, and the history kept for replays holds no device memory
 
 
 class ServerSession:

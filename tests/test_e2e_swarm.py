@@ -50,6 +50,8 @@ async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
             assert model["covered"]
             assert sorted((s["start"], s["end"]) for s in model["servers"]) == [(0, 10), (10, 20), (20, 30)]
             assert model["servers_per_block"] == [1] * 30
+            # each server announces where it computes: `--device auto` is the CPU here, at its float32 default
+            assert {(s["device"], s["dtype"], s["quant"]) for s in model["servers"]} == {("cpu", "float32", "none")}
             # without a model: the table comes from the snapshot alone, then gossip keeps it; an initial
             # peer that cannot be reached is named on stderr with the reason, and the others still answer
             dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGfF2mBkoXqiJwoVaRwm3qTFopm1XreeKQCyvjfMZTyms"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mesh.model.device import Device
 from mesh.model.measure import cache_bytes_per_block, cached, measure_block, measurement_key
 
 
@@ -12,7 +13,7 @@ def test_measure_block_and_cache(tmp_path):
 
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2)
-    decode, forward = measure_block(config, torch.float32, "none")
+    decode, forward = measure_block(config, Device.cpu(), "none")
     assert decode > 0 and forward > decode  # long sequences amortise per-call costs
     calls = []
 
@@ -20,14 +21,14 @@ def test_measure_block_and_cache(tmp_path):
         calls.append(1)
         return {"inference_rps": decode, "forward_rps": forward}
 
-    key = measurement_key("tiny", torch.float32, "none")
-    assert "threads=" in key and "quant=none" in key
+    key = measurement_key("tiny", Device.cpu(), "none")
+    assert "threads=" in key and "quant=none" in key and "device=cpu" in key
     first, hit1 = cached(tmp_path, key, run)
     second, hit2 = cached(tmp_path, key, run)
     assert (hit1, hit2, len(calls)) == (False, True, 1) and first == second
     _, hit3 = cached(tmp_path, key, run, fresh=True)
     assert not hit3 and len(calls) == 2
-    _, hit4 = cached(tmp_path, measurement_key("tiny", torch.bfloat16, "none"), run)
+    _, hit4 = cached(tmp_path, measurement_key("tiny", Device.cpu(torch.bfloat16), "none"), run)
     assert not hit4  # another dtype is another entry
 
     # K and V of 1000 tokens, 2 KV heads of 16 values, 4 bytes each
