@@ -40,12 +40,13 @@ async def chat_answer(swarm, *extra: str) -> str:
     return result.stdout.decode().strip()
 
 
-@pytest.mark.parametrize("method, steps", [("lora", 10), ("prompt", 24)])
+@pytest.mark.parametrize("method, steps", [("lora", 10), ("prompt", 16)])
 async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_path, method, steps):
     """`mesh finetune` through the swarm, then `mesh chat --adapter` follows the learned format.
 
-    Long (40-55 s here) because it must really learn: 10 LoRA or 24 prompt-tuning steps of SmolLM2
-    through three servers are what it takes for the eval loss to fall by 30 % and the answers to change."""
+    Long (40 s here) because it must really learn: 10 LoRA or 16 prompt-tuning steps of SmolLM2 through
+    three servers make the answers change with a margin (8 and 14 were the fewest that did in a local run;
+    the eval loss then falls by more than 80 %, where 30 % is asked)."""
     train, evals = data
     out = tmp_path / method
     result = await run_mesh("finetune", str(train), "--method", method, "--eval", str(evals), "--out", str(out),
@@ -110,7 +111,7 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_path):
     train, _ = data
-    common = ["--method", "lora", "--max-steps", "4", "--checkpoint-every", "2", "--seed", "3", "-v",
+    common = ["--method", "lora", "--max-steps", "2", "--checkpoint-every", "1", "--seed", "3", "-v",
               *peers(swarm)]
     whole = await run_mesh("finetune", str(train), "--out", str(tmp_path / "whole"), *common, timeout=600)
     assert whole.returncode == 0, whole.stderr.decode()[-3000:]
@@ -118,7 +119,7 @@ async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_
     proc = MeshProcess(["finetune", str(train), "--out", str(tmp_path / "cut"), *common], tmp_path / "cut.log")
     try:
         with trio.fail_after(300):
-            while "checkpoint saved at step 2" not in proc.output():
+            while "checkpoint saved at step 1" not in proc.output():
                 assert proc.proc.poll() is None, proc.output()[-3000:]
                 await trio.sleep(0.1)
         proc.signal(signal.SIGKILL)
@@ -128,7 +129,7 @@ async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_
     resumed = await run_mesh("finetune", str(train), "--out", str(tmp_path / "cut"), "--resume", *common,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
-    assert "resuming at step 2" in resumed.stderr.decode()
+    assert "resuming at step 1" in resumed.stderr.decode()
     a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut")
     assert a.keys() == b.keys()
     # Equal but for float rounding. The two runs take different random routes over the replicas; they
