@@ -1,13 +1,13 @@
 """A swarm client for the network lab: runs inside a lab host's namespace, prints one JSON line.
 
     python tests/labclient.py MODEL --peer ADDR [--prompt-ids 1,2,3] [--new-tokens 32] [--runs 1]
-        [--direct-wait S] [--chat --prompt-text TEXT] [--speculate off|auto|K] [--draft MODEL]
+        [--direct-wait S [--direct-peer ID]] [--chat --prompt-text TEXT] [--speculate off|auto|K] [--draft MODEL]
 
 Generates greedily through the swarm from token ids and reports, per run, the tokens, the time of each
 new token after the first, and how this client is connected to each server ("direct" or "relayed"); then
 every server's counters.
-With --direct-wait, waits up to S seconds after the first run for every connection to become direct
-(DCUtR) before the next run.
+With --direct-wait, waits up to S seconds after the first run for every connection (or those to the
+--direct-peer ones) to become direct (DCUtR) before the next run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--direct-wait", type=float, default=0.0)
+    p.add_argument("--direct-peer", action="append", default=[], help="wait for these peers only (repeatable)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--chat", action="store_true", help="wrap --prompt-text in the chat template; stop at EOS")
     p.add_argument("--speculate", default="off")
@@ -58,7 +59,9 @@ def main() -> None:
         for i in range(a.runs):
             if i == 1 and a.direct_wait:
                 deadline = time.monotonic() + a.direct_wait
-                while "relayed" in links(model).values() and time.monotonic() < deadline:
+                while time.monotonic() < deadline and any(
+                        link == "relayed" and (not a.direct_peer or peer in a.direct_peer)
+                        for peer, link in links(model).items()):
                     time.sleep(0.5)
             stamps: list[float] = []
             with model.inference_session(ids.shape[1] + a.new_tokens) as session:

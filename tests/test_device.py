@@ -6,6 +6,7 @@ tests marked `gpu` check the same path on CUDA and are skipped, with the reason,
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 
@@ -83,6 +84,40 @@ def test_bitsandbytes_modes_per_device():
     assert resolve_quant("auto", cuda, fits_unquantized=True) == "none"
     assert resolve_quant("auto", torch.device("cpu"), fits_unquantized=False) == "none"
     assert resolve_quant("int8", torch.device("cpu"), fits_unquantized=True) == "int8"
+
+
+class FakeGPU(Device):
+    """A CUDA device as a server's sizing sees it (type, name, free memory), on a machine without one."""
+
+    free: int = 0
+
+    @property
+    def name(self) -> str:
+        return "Fake GPU"
+
+    def free_memory(self) -> int:
+        return self.free
+
+
+def test_blocks_auto_counts_the_devices_free_memory_and_auto_quant_follows(tiny30):
+    from mesh.net.server import ServerConfig, blocks_that_fit, with_quant
+
+    source = resolve_model(str(tiny30))
+
+    def gpu(free: float) -> FakeGPU:
+        device = FakeGPU(torch.device("cuda"), torch.bfloat16)
+        object.__setattr__(device, "free", int(free))
+        return device
+
+    config = ServerConfig(str(tiny30), cache_tokens=1024, max_length=64)
+    small = dataclasses.replace(config, device=gpu(4e6))  # half of it is the budget (MEMORY_SHARE)
+    large = dataclasses.replace(config, device=gpu(200e6))
+    assert blocks_that_fit(source, dataclasses.replace(small, quant="none")) < source.num_blocks
+    assert blocks_that_fit(source, dataclasses.replace(large, quant="none")) == source.num_blocks
+    assert with_quant(source, small, None).quant == "nf4"  # --blocks auto wants them all: they do not fit
+    assert with_quant(source, small, (0, 2)).quant == "none"  # two blocks fit unquantized
+    assert with_quant(source, large, None).quant == "none"
+    assert with_quant(source, ServerConfig(str(tiny30)), None).quant == "none"  # the CPU never defaults to nf4
 
 
 # ---------------------------------------------------------------------------------------------------------
