@@ -32,6 +32,7 @@ from ..net.inference import InferenceSession, is_exact, open_inference_session
 from ..net.node import NodeConfig, env_initial_peers
 from ..net.portal import SwarmClient, unwrap
 from ..net.swarm import block_ranges
+from ..net.swarmkey import swarm_key_from
 
 __all__ = ["SwarmSession", "DistributedModelForCausalLM"]
 
@@ -155,11 +156,13 @@ class DistributedModelForCausalLM:
     def from_pretrained(cls, name: str, initial_peers: Sequence[str] | None = None, *,
                         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
                         compression: str = "none", timeout: float = 30.0, route_wait: float = 30.0,
-                        exact: bool = False, cache_dir: Path | None = None) -> "DistributedModelForCausalLM":
+                        exact: bool = False, cache_dir: Path | None = None,
+                        swarm_key: Path | str | None = None) -> "DistributedModelForCausalLM":
         """Load the client-side parts of `name` on `device` (auto: CUDA, then MPS, then CPU; dtype None: the
         device's default) and join the swarm through `initial_peers` (default: $MESH_INITIAL_PEERS); waits
-        up to `timeout` s until every block has a server."""
-        where = Device.choose(device, dtype)
+        up to `timeout` s until every block has a server. `swarm_key`: a private swarm's key file (default:
+        $MESH_SWARM_KEY; none: the open swarm)."""
+        where, key = Device.choose(device, dtype), swarm_key_from(swarm_key)  # bad options fail before loading
         source = resolve_model(name, cache_dir)
         head = load_head(source, where.dtype, where.torch)
         tokenizer = _tokenizer_or_none(source)
@@ -167,7 +170,8 @@ class DistributedModelForCausalLM:
         if not peers:
             raise MeshError("no peers to join", hint="pass initial_peers (printed by `mesh serve`)")
         # a listening port lets DCUtR punch through this client's NAT to servers that sit behind NATs too
-        client = SwarmClient(NodeConfig(listen=[CLIENT_LISTEN], initial_peers=peers, dht_mode="client"))
+        client = SwarmClient(NodeConfig(listen=[CLIENT_LISTEN], initial_peers=peers, dht_mode="client",
+                                        swarm_key=key))
         model = cls(source, head, tokenizer, client, compression, route_wait, exact)
         try:
             model.wait_for_swarm(timeout)

@@ -64,6 +64,7 @@ class FinetuneConfig:
     initial_peers: list[str] = field(default_factory=list)
     device: str = "auto"  # the client's head (and with `local`, every block): auto, cpu, cuda[:N], mps
     dtype: str | None = None  # None: the device's default
+    swarm_key: Path | None = None  # a private swarm's key file (None: $MESH_SWARM_KEY, else the open swarm)
 
     @property
     def learning_rate(self) -> float:
@@ -120,7 +121,8 @@ class Backend:
             from . import DistributedModelForCausalLM
 
             self._model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers or None,
-                                                                      device=where.torch, dtype=where.dtype)
+                                                                      device=where.torch, dtype=where.dtype,
+                                                                      swarm_key=cfg.swarm_key)
             self.config, self.head, self.tokenizer = self._model.config, self._model.head, self._model.tokenizer
             self.runner = SwarmRunner(self._model, micro_batch=cfg.micro_batch)
             self.name = self._model.source.model_id

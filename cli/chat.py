@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
-from .common import device_option, draft_option, dtype_option, initial_peers_option, speculate_option
+from .common import (device_option, draft_option, dtype_option, initial_peers_option, speculate_option,
+                     swarm_key_option)
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["Conversation", "chat"]
@@ -104,6 +106,7 @@ def _too_long(max_length: int):
 def chat(
     model: str = typer.Argument("smollm2", help="Model name (e.g. llama-2-70b-chat), hub id, folder or .gguf."),
     initial_peers: list[str] = initial_peers_option(),
+    swarm_key: Path = swarm_key_option(),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit (for scripts)."),
     system: str = typer.Option(None, help="System message for models whose template takes one."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
@@ -140,7 +143,7 @@ def chat(
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
         lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch, dtype=where.dtype,
-                                                         compression=compression, exact=exact)
+                                                         compression=compression, exact=exact, swarm_key=swarm_key)
     with lm:
         lm.use_adapter(adapter)
         lm.use_speculation(mode, draft)

@@ -8,9 +8,10 @@ import typer
 
 from ..net.identity import default_identity_path
 from ..net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
+from ..net.swarmkey import ENV_SWARM_KEY, swarm_key_from
 
-__all__ = ["initial_peers_option", "device_option", "dtype_option", "speculate_option", "draft_option",
-           "node_config"]
+__all__ = ["initial_peers_option", "swarm_key_option", "device_option", "dtype_option", "speculate_option",
+           "draft_option", "node_config"]
 
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
                       "Without any, a server starts a new swarm.")
@@ -19,6 +20,12 @@ INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>);
 def initial_peers_option():
     """The --initial-peers option every networked command takes."""
     return typer.Option(None, "--initial-peers", "--peer", help=INITIAL_PEERS_HELP)
+
+
+def swarm_key_option():
+    """The --swarm-key option every networked command takes."""
+    return typer.Option(None, "--swarm-key", help="Key file of a private swarm (`mesh keygen --swarm-key FILE`); "
+                        f"also read from ${ENV_SWARM_KEY}. Nodes without the same key cannot connect at all.")
 
 
 def device_option():
@@ -47,7 +54,8 @@ def draft_option():
 
 
 def node_config(initial_peers: list[str] | None, listen: list[str] | None = None, identity: Path | None = None,
-                *, server: bool = True, ephemeral: bool = False) -> NodeConfig:
+                *, server: bool = True, ephemeral: bool = False, swarm_key: Path | None = None,
+                allow_peers: frozenset[str] | None = None) -> NodeConfig:
     """A NodeConfig from the command line (a server listens and keeps its identity; a client neither)."""
     peers = list(initial_peers or []) or env_initial_peers()
     default_listen = server and not listen
@@ -59,4 +67,5 @@ def node_config(initial_peers: list[str] | None, listen: list[str] | None = None
         identity_path = identity
     return NodeConfig(listen=listen, initial_peers=peers, identity_path=identity_path,
                       identity_fallback=server and identity is None, listen_fallback=default_listen,
-                      dht_mode="server" if server else "client", relay_service=server)
+                      dht_mode="server" if server else "client", relay_service=server,
+                      swarm_key=swarm_key_from(swarm_key), allow_peers=allow_peers)

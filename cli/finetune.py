@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import device_option, dtype_option, initial_peers_option
+from .common import device_option, dtype_option, initial_peers_option, swarm_key_option
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["finetune"]
@@ -36,6 +36,7 @@ def finetune(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad rows (counted) instead of stopping."),
     local: bool = typer.Option(False, "--local", help="Run every block on this machine (a reference run)."),
     initial_peers: list[str] = initial_peers_option(),
+    swarm_key: Path = swarm_key_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
@@ -57,7 +58,8 @@ def finetune(
                          num_prompts=num_prompts, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                          skip_bad=skip_bad, local=local,
-                         initial_peers=list(initial_peers or []) or env_initial_peers(), device=device, dtype=dtype)
+                         initial_peers=list(initial_peers or []) or env_initial_peers(), device=device, dtype=dtype,
+                         swarm_key=swarm_key)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
-from .common import device_option, draft_option, dtype_option, initial_peers_option, speculate_option
+from .common import (device_option, draft_option, dtype_option, initial_peers_option, speculate_option,
+                     swarm_key_option)
 from .output import one_line_errors, stderr, write
 
 __all__ = ["generate"]
@@ -18,6 +20,7 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user turn with --chat)."),
     local: bool = typer.Option(False, "--local", help="Run every block in this process (the reference run)."),
     initial_peers: list[str] = initial_peers_option(),
+    swarm_key: Path = swarm_key_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -57,7 +60,8 @@ def generate(
 
         with stderr().status(f"joining the swarm for {model}"):
             lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch,
-                                                             dtype=where.dtype, compression=compression, exact=exact)
+                                                             dtype=where.dtype, compression=compression, exact=exact,
+                                                             swarm_key=swarm_key)
         tokenizer, head = lm.tokenizer, lm.head
     try:
         ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])

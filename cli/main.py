@@ -7,6 +7,7 @@ import typer
 from .chat import chat
 from .finetune import finetune
 from .generate import generate
+from .keygen import keygen
 from .serve import serve
 from .status import status
 
@@ -20,6 +21,7 @@ app.command()(status)
 app.command()(generate)
 app.command()(chat)
 app.command()(finetune)
+app.command()(keygen)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import device_option, dtype_option, initial_peers_option, node_config
+from .common import device_option, dtype_option, initial_peers_option, node_config, swarm_key_option
 from .output import one_line_errors, setup_logging, write
 from ..net import defaults
 
@@ -21,6 +21,10 @@ def serve(
     blocks: str = typer.Option(defaults.BLOCKS, help="START:END to host blocks [START, END), or auto: as many as "
                                "--max-memory holds, where the swarm is weakest, moving when balance needs it."),
     initial_peers: list[str] = initial_peers_option(),
+    swarm_key: Path = swarm_key_option(),
+    allow_peers: Path = typer.Option(None, "--allow-peers", help="File of peer ids (one per line, # comments): "
+                                     "serve, relay and gossip with these peers only; others get a typed refusal "
+                                     "and their connection is closed."),
     listen: list[str] = typer.Option(None, help="Multiaddrs to listen on (default /ip4/0.0.0.0/tcp/31337, or the "
                                                   "next free port when another process holds it)."),
     identity: Path = typer.Option(None, help="Key file of this node's identity (default ~/.config/mesh/identity.key; "
@@ -68,6 +72,7 @@ def serve(
 
     from ..model.device import Device
     from ..model.quant import check_quant
+    from ..net.allowlist import read_allow_list
     from ..net.quotas import parse_limits
     from ..net.server import ServerConfig, run_server
 
@@ -78,7 +83,9 @@ def serve(
         torch.set_num_threads(threads)
     where = Device.choose(device, dtype)
     config = ServerConfig(model=model, blocks=blocks,
-                          node=node_config(initial_peers, listen, identity, ephemeral=new_identity),
+                          node=node_config(initial_peers, listen, identity, ephemeral=new_identity,
+                                           swarm_key=swarm_key,
+                                           allow_peers=read_allow_list(allow_peers) if allow_peers else None),
                           device=where, quant=check_quant(quant, where.torch), max_memory_gb=max_memory,
                           balance_period=balance_period, join_delay=join_delay, bandwidth_mbps=bandwidth,
                           remeasure=remeasure, adapters=list(adapter or []),

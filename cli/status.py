@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
-from .common import initial_peers_option, node_config
+from .common import initial_peers_option, node_config, swarm_key_option
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["status", "block_runs"]
@@ -16,6 +17,7 @@ __all__ = ["status", "block_runs"]
 def status(
     model: str = typer.Argument(None, help="Model to show (name, folder or model id); default: every model seen."),
     initial_peers: list[str] = initial_peers_option(),
+    swarm_key: Path = swarm_key_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
     watch: bool = typer.Option(False, "--watch", help="Keep refreshing the table until Ctrl-C."),
     timeout: float = typer.Option(10.0, min=1.0, help="Seconds to wait for peers and their tables."),
@@ -33,7 +35,7 @@ def status(
     from ..net.swarm import open_swarm
 
     setup_logging(verbose)
-    config = node_config(initial_peers, server=False)
+    config = node_config(initial_peers, server=False, swarm_key=swarm_key)
     if not config.initial_peers:
         raise MeshError("no peer to ask", hint="pass --initial-peers MULTIADDR (printed by mesh serve)")
     model_id = _model_id(model) if model else None

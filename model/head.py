@@ -16,9 +16,9 @@ from . import compat
 from .sources import ModelSource
 from .weights import Checkpoint
 
-HOST = torch.device("cpu")
-
 __all__ = ["ClientHead", "token_positions", "prepend_prefix", "head_from_model", "load_head", "load_tokenizer"]
+
+HOST = torch.device("cpu")  # where the client's sampler, loss and wire are
 
 
 class ClientHead(nn.Module):

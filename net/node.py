@@ -45,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from ..model.errors import MeshError
 from . import relay, wire
 from .wire import short_id
+from .allowlist import StrangerGate
 from .identity import Identity, open_identity
 from .messages import Message
 from .peerlimits import PeerLimits, resource_manager
@@ -85,6 +86,8 @@ class NodeConfig:
     gossip_heartbeat: float = 1.0
     relay_service: bool = False  # answer circuit-relay reservations (servers; only useful when dialable)
     peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may hold (net/peerlimits.py)
+    swarm_key: str | None = None  # a private swarm's pre-shared key, 64 hex digits (net/swarmkey.py); None: open
+    allow_peers: frozenset[str] | None = None  # serve, relay and gossip with these peers only (net/allowlist.py)
 
 
 def env_initial_peers() -> list[str]:
@@ -119,6 +122,10 @@ class Node:
         self._dialing: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.relay_addrs: list[str] | None = None  # set while this node is only reachable through a relay
         self.observed_addrs: list[str] = []  # dialable addresses that peers' dial-backs confirmed
+
+    def allows(self, peer_id: str) -> bool:
+        """Whether this node deals with `peer_id` (always, without an allow-list)."""
+        return self.config.allow_peers is None or peer_id in self.config.allow_peers
 
     @property
     def relayed(self) -> bool:
@@ -170,6 +177,14 @@ class Node:
         async def guarded(stream) -> None:
             peer_id = stream.muxed_conn.peer_id.to_base58()
             peer = short_id(peer_id)
+            if not self.allows(peer_id):  # a typed refusal; StrangerGate closes the connection
+                log.info("%s: refused %s, not on the allow-list", name, peer)
+                refusal = wire.NotAllowed("this server serves only the peers on its allow-list",
+                                          hint="ask its operator to add your peer id")
+                with trio.move_on_after(1.0):
+                    await wire.write_frame(stream, wire.error_frame(refusal, peer_id=self.peer_id))
+                await wire.close_quietly(stream)
+                return
             if self._inbound[peer_id] >= self.config.peer_limits.streams_per_peer:
                 log.debug("%s: %s has %d streams open; refusing another", name, peer, self._inbound[peer_id])
                 await wire.reset_quietly(stream)
@@ -334,7 +349,7 @@ async def _listening(host, config: NodeConfig) -> AsyncIterator[None]:
 @asynccontextmanager
 async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
     key_pair = identity.key_pair
-    host = new_host(key_pair=key_pair, muxer_preference="YAMUX",
+    host = new_host(key_pair=key_pair, muxer_preference="YAMUX", psk=config.swarm_key,
                     connection_config=ConnectionConfig(max_connections_per_peer=1),
                     resource_manager=resource_manager(config.peer_limits))
     gossip = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
@@ -350,7 +365,10 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
                 await stack.enter_async_context(background_trio_service(pubsub))
                 await stack.enter_async_context(background_trio_service(gossip))
                 await stack.enter_async_context(background_trio_service(dht))
-                relaying = relay.GuardedRelay(host, relay.RELAY_LIMITS, allow_hop=config.relay_service)
+                if config.allow_peers is not None:
+                    host.get_network().register_notifee(StrangerGate(host, config.allow_peers, nursery))
+                relaying = relay.GuardedRelay(host, relay.RELAY_LIMITS, allow_hop=config.relay_service,
+                                              allowed=config.allow_peers)
                 await stack.enter_async_context(background_trio_service(relaying))  # STOP: accept relayed conns
                 await stack.enter_async_context(background_trio_service(DCUtRProtocol(host)))
                 with trio.fail_after(10):
@@ -398,8 +416,10 @@ async def _join(node: Node, peers: list[str]) -> None:
         for addr in peers:
             n.start_soon(one, addr)
     if not reached:
+        key = ("and that they hold this node's --swarm-key" if node.config.swarm_key is not None
+               else "and, for a private swarm, pass its --swarm-key")
         raise PeerUnavailable(f"none of the {len(peers)} initial peers answered",
-                              hint="check the addresses (mesh serve prints them) and that the peers are up")
+                              hint=f"check the addresses (mesh serve prints them), that the peers are up {key}")
     for peer in reached:
         with trio.move_on_after(2.0):
             try:

@@ -157,8 +157,9 @@ class GuardedRelay(CircuitV2Protocol):
     """
 
     def __init__(self, host: Any, limits: RelayLimits = RELAY_LIMITS, allow_hop: bool = False,
-                 **kwargs: Any) -> None:
+                 allowed: frozenset[str] | None = None, **kwargs: Any) -> None:
         super().__init__(host, limits, allow_hop=allow_hop, **kwargs)
+        self.allowed = allowed  # with an allow-list, only its peers get slots
 
     def _free_stale(self) -> None:
         rm = self.resource_manager
@@ -172,6 +173,9 @@ class GuardedRelay(CircuitV2Protocol):
         """Reserve (or refresh) a slot for the stream's remote peer, whatever peer the message names."""
         msg.ClearField("peer")
         self._free_stale()
+        if self.allowed is not None and stream.muxed_conn.peer_id.to_base58() not in self.allowed:
+            await stream.reset()
+            return
         await super()._handle_reserve(stream, msg)
 
 

@@ -47,8 +47,8 @@ from .announce import ServerInfo, ServerState
 from .swarm import Swarm, open_swarm
 
 __all__ = ["ServerConfig", "TrainingCounters", "parse_blocks", "blocks_that_fit", "measure_link",
-           "measure_throughput", "with_quant", "assemble_span", "placed", "KeptGraphs", "Server", "frame_bytes", "relay_candidates",
-           "run_server"]
+           "measure_throughput", "with_quant", "assemble_span", "placed", "KeptGraphs", "Server", "frame_bytes",
+           "relay_candidates", "run_server"]
 
 log = logging.getLogger("mesh.server")
 
@@ -68,7 +68,8 @@ class ServerConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     device: Device = field(default_factory=Device.cpu)  # where the span computes, and at which dtype
     quant: str = defaults.QUANT  # "auto" until run_server resolves it
-    max_memory_gb: float | None = None  # with --blocks auto: blocks + their cache (None: a share of free RAM)
+    max_memory_gb: float | None = None  # with --blocks auto: blocks + their cache (None: a share of the
+                                        # device's free memory)
     join_delay: float = defaults.JOIN_DELAY
     balance_period: float = defaults.BALANCE_PERIOD
     min_gain: float = MIN_GAIN  # move only if the swarm's bottleneck would rise by more than this fraction

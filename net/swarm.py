@@ -162,7 +162,7 @@ class Swarm:
             return
         self._followed.add(model_id)
         name = topic(model_id)
-        self.node.pubsub.set_topic_validator(name, _signed_by_announcer, False)
+        self.node.pubsub.set_topic_validator(name, self._relayable, False)
         sub = await self.node.subscribe(name)
         self.node.nursery.start_soon(self._drain, sub, name)
 
@@ -182,8 +182,15 @@ class Swarm:
             except Exception as e:  # a bug of ours on a peer's bytes: still only that item is lost
                 log.warning("dropped an announcement from %s: %s: %s", sender, type(e).__name__, e)
 
+    def _relayable(self, forwarder: ID, msg) -> bool:
+        """Deliver and forward only announcements signed by their announcer, and with an allow-list only
+        those its peers announced and forwarded."""
+        if not _signed_by_announcer(forwarder, msg):
+            return False
+        return self.node.allows(forwarder.to_base58()) and self.node.allows(ID(msg.from_id).to_base58())
+
     def _learn(self, info: ServerInfo, age: float, signed: SignedInfo) -> None:
-        if info.peer_id != self.node.peer_id:
+        if info.peer_id != self.node.peer_id and self.node.allows(info.peer_id):
             self.node.remember(info.peer_id, info.addrs)
             self.table.update(info, age, signed)
 

@@ -18,7 +18,7 @@ from ..model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadE
 
 __all__ = ["PROTOCOL_VERSION", "ByteStream", "FrameBudget", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
            "FrameTimeout", "MalformedFrame", "StreamClosed", "UnknownVersion", "Busy", "Unavailable",
-           "AdapterUnknown", "RemoteError", "read_exact", "pack", "write_frame", "read_frame", "error_frame",
+           "AdapterUnknown", "NotAllowed", "RemoteError", "read_exact", "pack", "write_frame", "read_frame", "error_frame",
            "raise_if_error", "close_quietly", "reset_quietly", "short_id"]
 
 PROTOCOL_VERSION = "1.0.0"
@@ -110,6 +110,12 @@ class AdapterUnknown(MeshError):
     code = "adapter_unknown"
 
 
+class NotAllowed(MeshError):
+    """The server serves only the peers on its allow-list (net/allowlist.py)."""
+
+    code = "not_allowed"
+
+
 class RemoteError(MeshError):
     """An error the remote reported with a code we do not know."""
 
@@ -119,6 +125,7 @@ class RemoteError(MeshError):
 # Codes a reply may carry, mapped back to the exception raised on the caller's side.
 ERRORS: dict[str, type[MeshError]] = {
     "bad_request": BadRequest,
+    "not_allowed": NotAllowed,
     "max_length": MaxLengthExceeded,
     "too_large": FrameTooLarge,
     "timeout": FrameTimeout,
