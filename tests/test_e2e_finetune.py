@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -50,27 +51,46 @@ def base_answer(swarm) -> str:
     return answer.strip()
 
 
-@pytest.mark.parametrize("method, steps", [("lora", 10), ("prompt", 16)])
-async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_path, method, steps):
+STEPS = {"lora": 10, "prompt": 16}
+
+
+async def test_finetune_learns_the_format_and_chat_follows_it(swarm, data, tmp_path):
     """`mesh finetune` through the swarm, then `mesh chat --adapter` follows the learned format.
 
-    Long (40 s here) because it must really learn: 10 LoRA or 16 prompt-tuning steps of SmolLM2 through
-    three servers make the answers change with a margin (8 and 14 were the fewest that did in a local run;
-    the eval loss then falls by more than 80 %, where 30 % is asked)."""
+    Long (about a minute here) because it must really learn: 10 LoRA and 16 prompt-tuning steps of SmolLM2
+    through three servers make the answers change with a margin (8 and 14 were the fewest that did in a
+    local run; the eval loss then falls by more than 80 %, where 30 % is asked). The two runs go at once,
+    each on its own replicas (clients spread training over a span's servers), and so do the chats."""
     train, evals = data
-    out = tmp_path / method
-    result = await run_mesh("finetune", str(train), "--method", method, "--eval", str(evals), "--out", str(out),
-                            "--max-steps", str(steps), "--epochs", "2", "--num-prompts", "8", *peers(swarm),
-                            timeout=600)
-    text = result.stdout.decode()
-    assert result.returncode == 0, text + result.stderr.decode()[-3000:]
-    first, last = map(float, re.search(r"eval loss ([\d.]+) → ([\d.]+)", text).groups())
-    print(f"{method}: eval loss {first:.3f} → {last:.3f} in {steps} steps")
-    assert last <= 0.7 * first
-    assert (await chat_answer(swarm, "--adapter", str(out))).startswith(PREFIX)
-    if method == "lora":  # the base model never answers in this format (asked once: it is the same model;
-        # in this process, as the same conversation `mesh chat` runs, to spare a process start)
-        assert not (await trio.to_thread.run_sync(base_answer, swarm)).startswith(PREFIX)
+    runs: dict[str, subprocess.CompletedProcess] = {}
+    answers: dict[str, str] = {}
+
+    async def finetune(method: str) -> None:
+        runs[method] = await run_mesh(
+            "finetune", str(train), "--method", method, "--eval", str(evals), "--out", str(tmp_path / method),
+            "--max-steps", str(STEPS[method]), "--epochs", "2", "--num-prompts", "8", *peers(swarm), timeout=600)
+
+    async def answer(name: str) -> None:
+        if name == "base":  # asked in this process, as the same conversation `mesh chat` runs
+            answers[name] = await trio.to_thread.run_sync(base_answer, swarm)
+        else:
+            answers[name] = await chat_answer(swarm, "--adapter", str(tmp_path / name))
+
+    async with trio.open_nursery() as nursery:
+        for method in STEPS:
+            nursery.start_soon(finetune, method)
+    for method, result in runs.items():
+        text = result.stdout.decode()
+        assert result.returncode == 0, text + result.stderr.decode()[-3000:]
+        first, last = map(float, re.search(r"eval loss ([\d.]+) → ([\d.]+)", text).groups())
+        print(f"{method}: eval loss {first:.3f} → {last:.3f} in {STEPS[method]} steps")
+        assert last <= 0.7 * first, method
+    async with trio.open_nursery() as nursery:
+        for name in (*STEPS, "base"):
+            nursery.start_soon(answer, name)
+    for method in STEPS:
+        assert answers[method].startswith(PREFIX), (method, answers[method])
+    assert not answers["base"].startswith(PREFIX), answers["base"]  # the base model never answers so
 
 
 async def test_training_goes_on_when_a_server_dies(swarm, data, tmp_path):
@@ -124,19 +144,25 @@ async def test_resume_after_a_kill_equals_an_uninterrupted_run(swarm, data, tmp_
     train, _ = data
     common = ["--method", "lora", "--max-steps", "2", "--checkpoint-every", "1", "--seed", "3", "-v",
               *peers(swarm)]
-    whole = await run_mesh("finetune", str(train), "--out", str(tmp_path / "whole"), *common, timeout=600)
-    assert whole.returncode == 0, whole.stderr.decode()[-3000:]
+    results = {}
 
-    proc = MeshProcess(["finetune", str(train), "--out", str(tmp_path / "cut"), *common], tmp_path / "cut.log")
-    try:
-        with trio.fail_after(300):
-            while "checkpoint saved at step 1" not in proc.output():
-                assert proc.proc.poll() is None, proc.output()[-3000:]
-                await trio.sleep(0.1)
-        proc.signal(signal.SIGKILL)
-        await proc.wait_exit(10)
-    finally:
-        proc.cleanup()
+    async def uninterrupted() -> None:
+        results["whole"] = await run_mesh("finetune", str(train), "--out", str(tmp_path / "whole"), *common,
+                                          timeout=600)
+
+    async with trio.open_nursery() as nursery:  # the uninterrupted run goes on beside the one we kill
+        nursery.start_soon(uninterrupted)
+        proc = MeshProcess(["finetune", str(train), "--out", str(tmp_path / "cut"), *common], tmp_path / "cut.log")
+        try:
+            with trio.fail_after(300):
+                while "checkpoint saved at step 1" not in proc.output():
+                    assert proc.proc.poll() is None, proc.output()[-3000:]
+                    await trio.sleep(0.1)
+            proc.signal(signal.SIGKILL)
+            await proc.wait_exit(10)
+        finally:
+            proc.cleanup()
+    assert results["whole"].returncode == 0, results["whole"].stderr.decode()[-3000:]
     resumed = await run_mesh("finetune", str(train), "--out", str(tmp_path / "cut"), "--resume", *common,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]

@@ -59,15 +59,14 @@ def test_three_default_servers_on_one_machine_cover_the_model(tiny30, tmp_path, 
 
         # named explicitly, a key or a port in use is refused at once with a one-line error
         home = os.environ["MESH_HOME"]
-        taken_key = subprocess.run(["ip", "netns", "exec", netns, *MESH, "serve", str(tiny30), "--blocks", "0:1",
-                                    "--identity", f"{home}/identity.key", "--listen", "/ip4/127.0.0.1/tcp/0"],
-                                   capture_output=True, text=True, timeout=60)
-        assert taken_key.returncode == 2 and "in use by another mesh process" in taken_key.stderr
-        assert "--new-identity" in taken_key.stderr and "Traceback" not in taken_key.stderr
-        taken_port = subprocess.run(["ip", "netns", "exec", netns, *MESH, "serve", str(tiny30), "--blocks", "0:1",
-                                     "--new-identity", "--listen", "/ip4/0.0.0.0/tcp/31337"],
-                                    capture_output=True, text=True, timeout=60)
-        assert taken_port.returncode == 2 and "the port is in use" in taken_port.stderr, taken_port.stderr
+        serve = ["ip", "netns", "exec", netns, *MESH, "serve", str(tiny30), "--blocks", "0:1"]
+        both = [subprocess.Popen(serve + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for extra in (["--identity", f"{home}/identity.key", "--listen", "/ip4/127.0.0.1/tcp/0"],
+                              ["--new-identity", "--listen", "/ip4/0.0.0.0/tcp/31337"])]
+        (key_code, key_err), (port_code, port_err) = [(p.wait(60), p.communicate()[1]) for p in both]
+        assert key_code == 2 and "in use by another mesh process" in key_err
+        assert "--new-identity" in key_err and "Traceback" not in key_err
+        assert port_code == 2 and "the port is in use" in port_err, port_err
     finally:
         for p in procs:
             p.cleanup()

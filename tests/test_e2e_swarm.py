@@ -79,7 +79,7 @@ async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
             assert await termed.wait_exit(15) == 0
             assert "state OFFLINE" in termed.output()
 
-        result = await run_mesh("status", "tiny30", "--initial-peers", boot, "--json", "--timeout", "5")
+        result = await run_mesh("status", "tiny30", "--initial-peers", boot, "--json", "--timeout", "2")
         assert result.returncode == 1  # blocks 10:30 are no longer covered
         (model,) = json.loads(result.stdout)["models"]
         assert model["missing_blocks"] == list(range(10, 30))

@@ -131,7 +131,6 @@ def test_relays_die_and_the_server_moves_to_another_each_time(lab, tiny30, expec
     addr = hidden.wait_ready_sync(90)
     alive = {s.peer_id: (s, host) for s, host in zip(servers, relays)}
     current = relay_of(addr)
-    assert client(lab, user, tiny30, servers[0].addr)["runs"][0]["tokens"] == expected
 
     for death in ("sigkill", "unplugged"):
         dead, host = alive.pop(current)
