@@ -51,10 +51,10 @@ def demo(
         try:
             for (a, b), log in zip(swarm.spans, swarm.logs):
                 stderr().print(f"[dim]server for blocks {a}:{b} (log: {log})[/dim]", highlight=False)
-            chat(model="smollm2", initial_peers=swarm.initial_peers, prompt=prompt, system=None,
-                 max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                 seed=0, max_length=2048, compression="none", exact=False, adapter=None, speculate="auto",
-                 draft=None, device="auto", dtype="auto", verbose=0)
+            peers = [arg for p in swarm.initial_peers for arg in ("--initial-peers", p)]
+            # through the command line, so every option `mesh chat` has takes its default
+            typer.main.get_command(app).main(["chat", "smollm2", "-p", prompt, "-n", str(max_new_tokens), *peers],
+                                             prog_name="mesh", standalone_mode=False)
         finally:
             with stderr().status("stopping the servers"):
                 swarm.stop()
