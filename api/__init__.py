@@ -159,9 +159,11 @@ class DistributedModelForCausalLM:
                         exact: bool = False, cache_dir: Path | None = None,
                         swarm_key: Path | str | None = None) -> "DistributedModelForCausalLM":
         """Load the client-side parts of `name` on `device` (auto: CUDA, then MPS, then CPU; dtype None: the
-        device's default) and join the swarm through `initial_peers` (default: $MESH_INITIAL_PEERS); waits
-        up to `timeout` s until every block has a server. `swarm_key`: a private swarm's key file (default:
-        $MESH_SWARM_KEY; none: the open swarm)."""
+        device's default, float32 with `exact`) and join the swarm through `initial_peers` (default:
+        $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server. `swarm_key`: a private
+        swarm's key file (default: $MESH_SWARM_KEY; none: the open swarm)."""
+        if exact and dtype in (None, "auto"):  # exact servers are float32: so is the head of an exact client
+            dtype = torch.float32
         where, key = Device.choose(device, dtype), swarm_key_from(swarm_key)  # bad options fail before loading
         source = resolve_model(name, cache_dir)
         head = load_head(source, where.dtype, where.torch)

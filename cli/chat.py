@@ -142,7 +142,7 @@ def chat(
     mode = parse_speculate(speculate)
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
-        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch, dtype=where.dtype,
+        lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch, dtype=dtype,
                                                          compression=compression, exact=exact, swarm_key=swarm_key)
     with lm:
         lm.use_adapter(adapter)

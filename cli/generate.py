@@ -60,7 +60,7 @@ def generate(
 
         with stderr().status(f"joining the swarm for {model}"):
             lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch,
-                                                             dtype=where.dtype, compression=compression, exact=exact,
+                                                             dtype=dtype, compression=compression, exact=exact,
                                                              swarm_key=swarm_key)
         tokenizer, head = lm.tokenizer, lm.head
     try:
