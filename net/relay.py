@@ -60,6 +60,7 @@ WATCH_PERIOD = 1.0
 PING_PERIOD = 2.0  # a relay that vanishes silently (no FIN, no RST) is noticed after MISSED_PINGS pings
 PING_TIMEOUT = 3.0  # generous: pings share the relay connection with the relayed tensors
 MISSED_PINGS = 2
+SILENCE = MISSED_PINGS * PING_PERIOD + PING_TIMEOUT  # s without an answer after which the relay counts as gone
 MAX_RESERVATIONS = 64  # slots a relay gives in all (one per peer)
 RESERVATION_TTL = 120  # seconds a slot lasts unless its holder renews it
 RENEW_BEFORE = RESERVATION_TTL / 2  # a holder renews when less than this is left (RelaySlot.run)
@@ -302,28 +303,35 @@ class RelaySlot:
         self.state = RelayState()
         self._banned: dict[str, float] = {}
         self._missed = 0
-        self._lost = False  # the relay stopped answering pings though its connection looks open
+        self._answered = time.monotonic()  # when the current relay last answered (or was reserved on)
 
-    async def _ping_relay(self) -> None:
+    async def _ping_relay(self, relay: str) -> None:
+        """One ping, in a task of its own: a ping that hangs past its deadline on a dead connection must
+        not hold up the watch, which judges the relay by how long it has been silent."""
         try:
             with trio.fail_after(PING_TIMEOUT):
-                await self.ping(self.state.relay_id)
-            self._missed = 0
+                await self.ping(relay)
         except Exception as e:
-            self._missed += 1
-            log.info("relay %s did not answer a ping (%d/%d): %s", short_id(self.state.relay_id), self._missed,
-                     MISSED_PINGS, e)
-            if self._missed >= MISSED_PINGS:
-                self._missed, self._lost = 0, True
-                with trio.move_on_after(2):
-                    try:
-                        await self.node.host.disconnect(ID.from_base58(self.state.relay_id))
-                    except Exception:
-                        pass
+            if relay == self.state.relay_id:
+                self._missed += 1
+                log.info("relay %s did not answer a ping (%d/%d): %s", short_id(relay), self._missed, MISSED_PINGS, e)
+            return
+        if relay == self.state.relay_id:
+            self._missed, self._answered = 0, time.monotonic()
+
+    async def _disconnect(self, relay: str) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.node.host.disconnect(ID.from_base58(relay))
+            except Exception:
+                pass
+
+    def _silent(self) -> bool:
+        return self._missed >= MISSED_PINGS or time.monotonic() - self._answered > SILENCE
 
     def _alive(self) -> bool:
         relay = self.state.relay_id
-        return bool(relay) and not self._lost and relay in self.node.connected_peers()
+        return bool(relay) and not self._silent() and relay in self.node.connected_peers()
 
     async def _reserve_somewhere(self) -> bool:
         now = time.monotonic()
@@ -341,7 +349,7 @@ class RelaySlot:
                 continue
             mine = circuit_addrs([a for a in addrs if not is_circuit(a)], peer, self.node.peer_id)
             self.state = RelayState(peer, mine, expire)
-            self._lost = False
+            self._missed, self._answered = 0, time.monotonic()
             self.node.relay_addrs = mine
             log.info("reachable through relay %s (slot until %s)", short_id(peer), time.strftime("%H:%M:%S", time.localtime(expire)))
             return True
@@ -354,10 +362,12 @@ class RelaySlot:
         while True:
             if self._alive() and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + PING_PERIOD
-                await self._ping_relay()
+                self.node.nursery.start_soon(self._ping_relay, self.state.relay_id)
             if not self._alive():
                 if self.state.relay_id:
                     log.warning("relay %s is gone: looking for another", short_id(self.state.relay_id))
+                    if self._silent():  # its connection looks open: close it, in the background
+                        self.node.nursery.start_soon(self._disconnect, self.state.relay_id)
                     self._banned[self.state.relay_id] = time.monotonic() + 60
                     self.state = RelayState()
                     self.node.relay_addrs = []
