@@ -27,7 +27,12 @@ from ..model.head import ClientHead, load_head, load_tokenizer
 from ..model.sources import ModelSource, resolve_model
 from ..model.speculative import load_draft, new_speculator, parse_speculate
 from ..net.adapters import ClientLora
+from ..model.span import Span
+from ..net.announce import ServerInfo
 from ..net.chain import BanList, ChainConfig, accept_any
+from ..net.client import remote_forward
+from ..net.messages import History
+from ..net.verify import COMPRESSION_ERROR, DEFAULT_VERIFY, SpotChecker, caught_path, check_rate
 from ..net.inference import InferenceSession, is_exact, open_inference_session
 from ..net.node import NodeConfig, env_initial_peers
 from ..net.portal import SwarmClient, unwrap
@@ -51,6 +56,8 @@ class SwarmSession:
         self._remote, self._done = client.start_task(self._hold, max_length + extra, batch_size)
         self.generator = Generator(model.head, self.run_blocks, model.tokenizer, prefix=model.prefix,
                                    speculator=new_speculator(model.speculate, model.draft))
+        if self._remote.cfg.checker is not None:
+            self.generator.check_all = self.check_all
 
     async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
         client, model = self.model.client, self.model
@@ -59,7 +66,7 @@ class SwarmSession:
             cfg = ChainConfig(client.node, client.swarm.table, client.rtt, model.source.model_id, model.num_blocks,
                               max_length, batch_size, compression=model.compression, bans=model.bans,
                               route_wait=model.route_wait, accept=model.accept,
-                              lora=model.lora)
+                              lora=model.lora, checker=model.new_checker())
             async with open_inference_session(cfg) as session:
                 done = trio.Event()
                 task_status.started((session, done))
@@ -83,6 +90,10 @@ class SwarmSession:
         out = self.model.client.call(self._remote.step, hidden.to(torch.float32), position_ids, attention_mask,
                                      position)
         return out.to(dtype)
+
+    def check_all(self, end: int) -> None:
+        """Spot-check every hop's outputs for cache positions [0, end); raises Rewind if one lied."""
+        self.model.client.call(self._remote.spot_check, end)
 
     def close(self) -> None:
         if self._done is not None:
@@ -120,6 +131,27 @@ class DistributedModelForCausalLM:
         self.prefix: torch.Tensor | None = None  # trained virtual tokens fed before every session's input
         self.speculate: str | int = "off"  # drafts per pass in new sessions: off, auto or a fixed number
         self.draft: torch.nn.Module | None = None  # a local draft model (None: prompt lookup)
+        self.verify = 0.0  # fraction of steps spot-checked on independent servers (net/verify.py)
+        self.local_blocks: Span | None = None  # blocks this client holds: a checker and referee of its own
+
+    def new_checker(self) -> SpotChecker | None:
+        """Spot checks for a new session, or None with `verify` 0."""
+        if self.verify <= 0:
+            return None
+        node, table, model_id = self.client.node, self.client.swarm.table, self.source.model_id
+
+        async def execute(info: ServerInfo | None, start: int, end: int, inputs: History) -> torch.Tensor:
+            if info is None:
+                span = self.local_blocks.sub(start, end)
+                return await trio.to_thread.run_sync(
+                    lambda: span(inputs.hidden, inputs.position_ids, None, inputs.attention_mask).detach().cpu())
+            return await remote_forward(node, info, start, end, inputs.hidden, inputs.position_ids,
+                                        inputs.attention_mask, lora=self.lora, timeout=60)
+
+        local = self.local_blocks if self.lora is None else None  # a local check would need the adapter
+        return SpotChecker(self.verify, lambda: table.servers(model_id), execute, local=local,
+                           wire_error=COMPRESSION_ERROR[self.compression], record_to=caught_path(),
+                           banish=self.bans.convict)
 
     def use_speculation(self, mode: str | int = "auto", draft: str | None = None) -> None:
         """Speculative decoding in sessions opened from now on: `mode` is off, auto or drafts per pass;
@@ -157,14 +189,17 @@ class DistributedModelForCausalLM:
                         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
                         compression: str = "none", timeout: float = 30.0, route_wait: float = 30.0,
                         exact: bool = False, cache_dir: Path | None = None,
-                        swarm_key: Path | str | None = None) -> "DistributedModelForCausalLM":
+                        swarm_key: Path | str | None = None, verify: float | None = None
+                        ) -> "DistributedModelForCausalLM":
         """Load the client-side parts of `name` on `device` (auto: CUDA, then MPS, then CPU; dtype None: the
         device's default, float32 with `exact`) and join the swarm through `initial_peers` (default:
         $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server. `swarm_key`: a private
-        swarm's key file (default: $MESH_SWARM_KEY; none: the open swarm)."""
+        swarm's key file (default: $MESH_SWARM_KEY; none: the open swarm). `verify`: the fraction of steps
+        spot-checked on independent servers (default: DEFAULT_VERIFY on the open swarm, 0 in a private one)."""
         if exact and dtype in (None, "auto"):  # exact servers are float32: so is the head of an exact client
             dtype = torch.float32
         where, key = Device.choose(device, dtype), swarm_key_from(swarm_key)  # bad options fail before loading
+        rate = (0.0 if key is not None else DEFAULT_VERIFY) if verify is None else check_rate(verify)
         source = resolve_model(name, cache_dir)
         head = load_head(source, where.dtype, where.torch)
         tokenizer = _tokenizer_or_none(source)
@@ -175,6 +210,7 @@ class DistributedModelForCausalLM:
         client = SwarmClient(NodeConfig(listen=[CLIENT_LISTEN], initial_peers=peers, dht_mode="client",
                                         swarm_key=key))
         model = cls(source, head, tokenizer, client, compression, route_wait, exact)
+        model.verify = rate
         try:
             model.wait_for_swarm(timeout)
         except BaseException:

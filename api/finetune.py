@@ -65,6 +65,7 @@ class FinetuneConfig:
     device: str = "auto"  # the client's head (and with `local`, every block): auto, cpu, cuda[:N], mps
     dtype: str | None = None  # None: the device's default
     swarm_key: Path | None = None  # a private swarm's key file (None: $MESH_SWARM_KEY, else the open swarm)
+    verify: float | None = None  # fraction of passes spot-checked (None: 0.02 on the open swarm, 0 if private)
 
     @property
     def learning_rate(self) -> float:
@@ -122,7 +123,7 @@ class Backend:
 
             self._model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers or None,
                                                                       device=where.torch, dtype=where.dtype,
-                                                                      swarm_key=cfg.swarm_key)
+                                                                      swarm_key=cfg.swarm_key, verify=cfg.verify)
             self.config, self.head, self.tokenizer = self._model.config, self._model.head, self._model.tokenizer
             self.runner = SwarmRunner(self._model, micro_batch=cfg.micro_batch)
             self.name = self._model.source.model_id

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .common import (device_option, draft_option, dtype_option, initial_peers_option, speculate_option,
-                     swarm_key_option)
+                     swarm_key_option, verify_option)
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["Conversation", "chat"]
@@ -51,6 +51,15 @@ class Conversation:
             self.messages.pop()
             raise _too_long(self.max_length)
         stream = TextStream(tokenizer)
+        first = (0 if gen.ids is None else gen.ids.shape[1]) + new.shape[1]
+
+        def rewound(kept: int) -> None:  # a server was caught lying: what stands is said again
+            nonlocal stream, count
+            stream, count = TextStream(tokenizer), kept
+            on_text("\n[a server sent wrong values and was banned; the answer again from its last checked token]\n")
+            on_text("".join(stream.push(int(t)) for t in gen.ids[0, first:first + kept]))
+
+        gen.on_rewind = rewound
         started, count = time.perf_counter(), 0
         try:
             for token in self.model.stream(new, session=self.session, **sampling):
@@ -58,6 +67,8 @@ class Conversation:
                 on_text(stream.push(int(token[0])))
         except KeyboardInterrupt:
             on_text(" [stopped]")
+        finally:
+            gen.on_rewind = None
         self.messages.append({"role": "assistant", "content": stream.text})
         return stream.text, count, time.perf_counter() - started
 
@@ -107,6 +118,7 @@ def chat(
     model: str = typer.Argument("smollm2", help="Model name (e.g. llama-2-70b-chat), hub id, folder or .gguf."),
     initial_peers: list[str] = initial_peers_option(),
     swarm_key: Path = swarm_key_option(),
+    verify: float = verify_option(),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit (for scripts)."),
     system: str = typer.Option(None, help="System message for models whose template takes one."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
@@ -143,7 +155,8 @@ def chat(
     err = stderr()
     with err.status(f"joining the swarm for {model}"):
         lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch, dtype=dtype,
-                                                         compression=compression, exact=exact, swarm_key=swarm_key)
+                                                         compression=compression, exact=exact, swarm_key=swarm_key,
+                                                         verify=verify)
     with lm:
         lm.use_adapter(adapter)
         lm.use_speculation(mode, draft)

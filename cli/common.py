@@ -10,7 +10,7 @@ from ..net.identity import default_identity_path
 from ..net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 from ..net.swarmkey import ENV_SWARM_KEY, swarm_key_from
 
-__all__ = ["initial_peers_option", "swarm_key_option", "device_option", "dtype_option", "speculate_option",
+__all__ = ["initial_peers_option", "swarm_key_option", "verify_option", "device_option", "dtype_option", "speculate_option",
            "draft_option", "node_config"]
 
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
@@ -26,6 +26,14 @@ def swarm_key_option():
     """The --swarm-key option every networked command takes."""
     return typer.Option(None, "--swarm-key", help="Key file of a private swarm (`mesh keygen --swarm-key FILE`); "
                         f"also read from ${ENV_SWARM_KEY}. Nodes without the same key cannot connect at all.")
+
+
+def verify_option():
+    """The --verify option of the commands that generate through the swarm."""
+    return typer.Option(None, "--verify", min=0.0, max=1.0, help="Fraction of steps re-executed on an independent "
+                        "server holding the same blocks (every answer is also checked as a whole when it ends); a "
+                        "server caught lying is banned and its tokens generated again. Default: 0.02 on the open "
+                        "swarm, 0 with --swarm-key.")
 
 
 def device_option():

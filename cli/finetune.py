@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import device_option, dtype_option, initial_peers_option, swarm_key_option
+from .common import device_option, dtype_option, initial_peers_option, swarm_key_option, verify_option
 from .output import one_line_errors, setup_logging, stderr, write
 
 __all__ = ["finetune"]
@@ -37,6 +37,7 @@ def finetune(
     local: bool = typer.Option(False, "--local", help="Run every block on this machine (a reference run)."),
     initial_peers: list[str] = initial_peers_option(),
     swarm_key: Path = swarm_key_option(),
+    verify: float = verify_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
@@ -59,7 +60,7 @@ def finetune(
                          lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                          skip_bad=skip_bad, local=local,
                          initial_peers=list(initial_peers or []) or env_initial_peers(), device=device, dtype=dtype,
-                         swarm_key=swarm_key)
+                         swarm_key=swarm_key, verify=verify)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

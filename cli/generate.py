@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .common import (device_option, draft_option, dtype_option, initial_peers_option, speculate_option,
-                     swarm_key_option)
+                     swarm_key_option, verify_option)
 from .output import one_line_errors, stderr, write
 
 __all__ = ["generate"]
@@ -21,6 +21,7 @@ def generate(
     local: bool = typer.Option(False, "--local", help="Run every block in this process (the reference run)."),
     initial_peers: list[str] = initial_peers_option(),
     swarm_key: Path = swarm_key_option(),
+    verify: float = verify_option(),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -61,7 +62,7 @@ def generate(
         with stderr().status(f"joining the swarm for {model}"):
             lm = DistributedModelForCausalLM.from_pretrained(model, initial_peers, device=where.torch,
                                                              dtype=dtype, compression=compression, exact=exact,
-                                                             swarm_key=swarm_key)
+                                                             swarm_key=swarm_key, verify=verify)
         tokenizer, head = lm.tokenizer, lm.head
     try:
         ids = (encode_messages(tokenizer, [{"role": "user", "content": prompt}])
@@ -71,13 +72,16 @@ def generate(
                                 temperature=temperature or 1.0, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty,
                                 eos_token_ids=[eos] if eos is not None else [], pad_token_id=tokenizer.pad_token_id)
+        drafter = load_draft(draft, head.embedding_layer().num_embeddings) if draft and mode != "off" else None
         if local:
-            blocks, route = LocalSpans(span_list, batch_size=1, max_length=ids.shape[1] + max_new_tokens), "local"
+            blocks = LocalSpans(span_list, batch_size=1, max_length=ids.shape[1] + max_new_tokens)
+            gen, route = Generator(head, blocks, tokenizer), "local"
         else:
             session = lm.inference_session(ids.shape[1] + max_new_tokens)
-            blocks, route = session.run_blocks, session.describe()
-        drafter = load_draft(draft, head.embedding_layer().num_embeddings) if draft and mode != "off" else None
-        gen = Generator(head, blocks, tokenizer, speculator=new_speculator(mode, drafter))
+            gen, route = session.generator, session.describe()  # with its spot checks, if any
+            gen.on_rewind = lambda kept: stderr().print(
+                f"\n[a server sent wrong values and was banned; {kept} tokens stand, the rest follow again]")
+        gen.speculator = new_speculator(mode, drafter)
         text = TextStream(tokenizer)
         started, count = time.perf_counter(), 0
         for token in gen.stream(ids, None, config):

@@ -108,8 +108,10 @@ async def _report(swarm, model_id: str | None) -> dict:
     import trio
 
     from ..net.client import ping
+    from ..net.verify import caught_path, read_caught
 
     servers = swarm.table.all(model_id)
+    caught = read_caught(caught_path())  # servers this user's clients caught lying
     rtts: dict[str, float | None] = {}
 
     async def measure(peer: str) -> None:
@@ -131,7 +133,8 @@ async def _report(swarm, model_id: str | None) -> dict:
         models.append({
             "model_id": mid, "num_blocks": total, "covered": total > 0 and not missing, "missing_blocks": missing,
             "servers_per_block": counts, "throughput_per_block": [round(t, 2) for t in per_block],
-            "servers": [dict(i.to_wire(), rtt=rtts.get(i.peer_id)) for i in mine],
+            "servers": [dict(i.to_wire(), rtt=rtts.get(i.peer_id), caught=caught.get(i.peer_id, {}).get("evidence"))
+                        for i in mine],
         })
     return {"models": models}
 
@@ -154,13 +157,16 @@ def _render(report: dict):
             table.add_column(col)
         for s in m["servers"]:
             rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
-            table.add_row(s["public_name"] or "-", short_id(s["peer_id"]), f"{s['start']}:{s['end']}", s["state"],
+            state = s["state"] + (" [bold red]CAUGHT LYING[/bold red]" if s.get("caught") else "")
+            table.add_row(s["public_name"] or "-", short_id(s["peer_id"]), f"{s['start']}:{s['end']}", state,
                           f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt, s.get("device", "cpu"),
                           s["dtype"] + (f"/{s['quant']}" if s.get("quant", "none") != "none" else ""), s["version"],
                           "yes" if s["relayed"] else "no", ", ".join(s.get("adapters") or []) or "-")
         style = "green" if m["covered"] else "red"
         line = coverage_summary(m["servers_per_block"]) if m["num_blocks"] else "no blocks known"
         parts += [table, Text(line, style=style)]
+        parts += [Text(f"{short_id(s['peer_id'])} was caught lying by your client: {s['caught']}", style="red")
+                  for s in m["servers"] if s.get("caught")]
         if m["num_blocks"]:
             runs = block_runs(m["throughput_per_block"])
             parts.append(Text("tokens/s per block: " + "  ".join(f"{a}:{b} {t:.1f}" for a, b, t in runs)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["MeshError", "ModelNotFound", "ModelLoadError", "UnsupportedArchitecture", "SpanOutOfRange",
-           "MaxLengthExceeded", "BadRequest"]
+           "MaxLengthExceeded", "BadRequest", "Rewind"]
 
 
 class MeshError(Exception):
@@ -54,3 +54,14 @@ class BadRequest(MeshError):
     """Input that breaks the rules: a peer's frame, a user's option or file row."""
 
     code = "bad_request"
+
+
+class Rewind(MeshError):
+    """The blocks' outputs from cache position `position` on were found wrong (a server lied) and the
+    caches are being rebuilt: whoever runs the blocks feeds again from there."""
+
+    code = "rewind"
+
+    def __init__(self, position: int, message: str = "") -> None:
+        super().__init__(message or f"outputs from position {position} on were wrong; feeding again from there")
+        self.position = position

@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .errors import Rewind
 from .head import ClientHead, prepend_prefix, token_positions
 from .span import Span
 from .speculative import Speculator, accept_draft
@@ -99,6 +100,8 @@ class Generator:
     fed: int = 0  # how many of `ids` the caches hold
     prefix: torch.Tensor | None = None  # [P, H] trained virtual tokens, fed before the first token
     speculator: Speculator | None = None  # drafts checked several per pass (batch 1)
+    check_all: Callable[[int], None] | None = None  # checks the blocks' outputs so far; may raise Rewind
+    on_rewind: Callable[[int], None] | None = None  # told how many of this call's tokens stand after a Rewind
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -115,23 +118,47 @@ class Generator:
         start_len = self.ids.shape[1]
         produced = 0
         try:
-            while produced < config.max_new_tokens and unfinished.any():
-                for token in self._next_tokens(config, procs, config.max_new_tokens - produced):
-                    token = torch.where(unfinished, token, torch.full_like(token, pad))
-                    self._append(token[:, None], None)
-                    produced += 1
-                    yield token
-                    if len(eos):
-                        unfinished &= ~torch.isin(token, eos)
-                    if config.stop_strings and self.tokenizer is not None:
-                        for b in range(batch):
-                            text = self.tokenizer.decode(self.ids[b, start_len:])
-                            if any(s in text for s in config.stop_strings):
-                                unfinished[b] = False
-                    if not unfinished.any():
-                        break
+            while True:
+                try:
+                    while produced < config.max_new_tokens and unfinished.any():
+                        for token in self._next_tokens(config, procs, config.max_new_tokens - produced):
+                            token = torch.where(unfinished, token, torch.full_like(token, pad))
+                            self._append(token[:, None], None)
+                            produced += 1
+                            yield token
+                            if len(eos):
+                                unfinished &= ~torch.isin(token, eos)
+                            if config.stop_strings and self.tokenizer is not None:
+                                for b in range(batch):
+                                    text = self.tokenizer.decode(self.ids[b, start_len:])
+                                    if any(s in text for s in config.stop_strings):
+                                        unfinished[b] = False
+                            if not unfinished.any():
+                                break
+                    if self.check_all is not None:  # the answer as a whole is checked before it is final
+                        self.check_all(self.fed + self._prefix_length if self.fed else 0)
+                    return
+                except Rewind as r:
+                    produced = self._rewind(r.position, start_len)
+                    unfinished = ~torch.isin(self.ids[:, start_len:], eos).any(dim=1) if len(eos) \
+                        else torch.ones(batch, dtype=torch.bool)
         finally:  # a pass may have fed drafts that were accepted but not taken (a stop, or the caller left)
             self.fed = min(self.fed, self.length)
+
+    @property
+    def _prefix_length(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[0]
+
+    def _rewind(self, position: int, start_len: int) -> int:
+        """Drop the tokens sampled from outputs at cache position `position` or later (the blocks found
+        them wrong) and feed again from there; the number of this call's tokens that are kept."""
+        p = self._prefix_length
+        keep = min(self.length, max(position - p + 1, start_len))
+        self.ids, self.mask = self.ids[:, :keep], self.mask[:, :keep]
+        self.fed = max(0, min(position - p, keep - 1))
+        if self.on_rewind is not None:
+            self.on_rewind(keep - start_len)
+        return keep - start_len
 
     def _next_tokens(self, config: SamplingConfig, procs: LogitsProcessorList, limit: int) -> list[torch.Tensor]:
         """One pass through the blocks: its new tokens [B] in order (several when drafts are accepted)."""
@@ -161,13 +188,13 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  config: SamplingConfig | None = None,
                  on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Return the new tokens [B, n]; `on_token` is called with each step's tokens."""
-        out = []
+        """Return the new tokens [B, n]; `on_token` is called with each step's tokens (after a `Rewind`,
+        the tokens sampled again are passed again: `on_rewind` says how many stood)."""
+        start = self.length + input_ids.shape[1]
         for token in self.stream(input_ids, attention_mask, config):
-            out.append(token)
             if on_token is not None:
                 on_token(token)
-        return torch.stack(out, dim=1) if out else torch.empty(input_ids.shape[0], 0, dtype=torch.long)
+        return self.ids[:, start:].clone()
 
     def _append(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         mask = mask.to(torch.long) if mask is not None else torch.ones_like(ids, dtype=torch.long)

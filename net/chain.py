@@ -28,6 +28,7 @@ from .messages import History, HistoryRequest, NextHop, Step, StepResult
 from .node import Node
 from .announce import ServerInfo
 from .swarm import SwarmTable, block_ranges
+from .verify import SpotChecker
 from .wire import short_id
 
 __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "Measured", "RouteUnavailable", "OpenFailed", "candidates",
@@ -56,12 +57,17 @@ class OpenFailed(MeshError):
 
 
 class BanList:
-    """Peers that failed us, each banned for 5 s × 2^(failures − 1), capped at 5 minutes."""
+    """Peers that failed us, each banned for 5 s × 2^(failures − 1), capped at 5 minutes; peers caught
+    lying (`convict`) for good."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._until: dict[str, float] = {}
         self._count: dict[str, int] = {}
+        self.convicted: set[str] = set()
+
+    def convict(self, peer_id: str) -> None:
+        self.convicted.add(peer_id)
 
     def ban(self, peer_id: str) -> None:
         n = self._count.get(peer_id, 0) + 1
@@ -70,7 +76,7 @@ class BanList:
 
     def banned(self) -> frozenset[str]:
         now = self.clock()
-        return frozenset(p for p, t in self._until.items() if t > now)
+        return frozenset(p for p, t in self._until.items() if t > now) | self.convicted
 
 
 class Measured:
@@ -129,6 +135,7 @@ class ChainConfig:
     accept: Callable[[ServerInfo], bool] = accept_any  # e.g. only exact (unquantized) servers
     lora: ClientLora | None = None  # applied by every server of the chain, replacements included
     measured: Measured = field(default_factory=Measured)  # servers' speed as this client saw it
+    checker: SpotChecker | None = None  # spot checks of inference steps (net/verify.py)
 
 
 OnResult = Callable[["HopLink", StepResult], None]
@@ -152,12 +159,12 @@ class HopLink:
     async def send(self, step: Step, timeout: float) -> None:
         await self.session.send(step, timeout)
 
-    async def history(self, before: int, timeout: float = 30.0) -> History:
-        """The outputs this hop kept for positions [0, before): the next hop's inputs."""
+    async def history(self, before: int, timeout: float = 30.0, exact: bool = False) -> History:
+        """The outputs this hop kept for positions [0, before): the next hop's inputs (`exact`: uncompressed)."""
         send, receive = trio.open_memory_channel(1)
         self._history = send
         with trio.fail_after(timeout):
-            await wire.write_frame(self.session.stream, HistoryRequest(before).to_wire())
+            await wire.write_frame(self.session.stream, HistoryRequest(before, exact).to_wire())
             return await receive.receive()
 
     async def read(self, on_result: OnResult, on_error: OnError) -> None:

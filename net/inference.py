@@ -23,13 +23,14 @@ import torch
 import trio
 
 from ..balancing.routing import Hop
-from ..model.errors import MeshError
+from ..model.errors import MeshError, Rewind
 from . import wire
 from .chain import ChainConfig, ChainOpener, HopLink, RouteUnavailable, close_quietly
 from .client import ping
 from .messages import History, Step, StepResult
 from .steplog import concat_steps, trim_steps
 from .announce import ServerInfo, ServerState
+from .verify import StepRecord, spot_check
 from .wire import short_id
 
 log = logging.getLogger("mesh.inference")
@@ -67,6 +68,7 @@ class InferenceSession:
         self.opener = ChainOpener(cfg, self._deadline, self._next_step_id)
         self.hops: list[HopLink] = []
         self.inputs: list[Step] = []  # every step sent to the first hop, trimmed on re-sends
+        self.records: list[StepRecord] = []  # each step's commitments, for spot checks
         self.recoveries = 0
         self._step_ids = 0
         self._waiting: dict[int, trio.MemorySendChannel] = {}
@@ -93,6 +95,7 @@ class InferenceSession:
         msg = Step(0, position, hidden, position_ids, attention_mask)
         trim_steps(self.inputs, position)
         self.inputs.append(msg)
+        self.records = [r for r in self.records if r.position + r.tokens <= position]  # what stands
         failure: HopFailed | None = None
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -100,10 +103,32 @@ class InferenceSession:
                     await self._recover(failure, position)
                     failure = None
                 await self._leave_draining(position)
-                return await self._step_once(msg)
+                out = await self._step_once(msg)
+                break
             except HopFailed as e:
                 failure = e
-        raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {failure}") from failure
+        else:
+            raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {failure}") from failure
+        if self.cfg.checker is not None and self.cfg.checker.due():
+            await self.spot_check(position + hidden.shape[1])
+        return out
+
+    async def spot_check(self, end: int) -> None:
+        """Check every hop's outputs for positions [0, end) (net/verify.py); raises `Rewind` after
+        replacing hops caught lying."""
+        liars = await spot_check(self, end)
+        if not liars:
+            return
+        first = min(v.first_bad for v in liars.values())
+        for i, verdict in liars.items():
+            if verdict.proven:
+                self.cfg.checker.convict(verdict.peer_id, verdict.evidence)
+            else:
+                log.warning("hop %d (%s): %s; routing around it", i, short_id(verdict.peer_id), verdict.evidence)
+        await self._replace(sorted(liars), ban=True, before=first)
+        trim_steps(self.inputs, first)
+        self.records = [r for r in self.records if r.position + r.tokens <= first]
+        raise Rewind(first)
 
     async def _recover(self, failure: HopFailed, position: int) -> None:
         """Replace the hops `failure` blames (or, if it names none, those that do not answer)."""
@@ -150,7 +175,9 @@ class InferenceSession:
                 took = trio.current_time() - t0
                 self.cfg.measured.record([h.hop.peer_id for h in self.hops],
                                          took / max(self._expected(self.hops, msg.hidden.shape[1]), 1e-6))
-                return outcome
+                signed = [(h.hop.peer_id, h.session.session_id, c) for h, c in zip(self.hops, outcome.commitments)]
+                self.records.append(StepRecord(msg.position, msg.hidden.shape[1], signed))
+                return outcome.hidden
             raise HopFailed(None, f"no result within {timeout:.1f} s")
         finally:
             self._waiting.pop(step.step_id, None)
@@ -171,19 +198,25 @@ class InferenceSession:
                                            f"states {list(result.hidden.shape)}, not {list(self._shapes[result.step_id])}"),
                            link.hop.peer_id, result.step_id)
             return
+        if len(result.commitments) != len(self.hops) or not result.commitments[-1].matches(result.hidden):
+            self._on_error(link, MeshError(f"server {short_id(link.hop.peer_id)} answered a step without the "
+                                           f"chain's commitments, or with values it did not commit to"),
+                           link.hop.peer_id, result.step_id)
+            return
         try:
-            waiter.send_nowait(result.hidden)
+            waiter.send_nowait(result)
         except trio.WouldBlock:  # a second answer to the same step: the first one stands
             pass
 
     def _on_error(self, link: HopLink, error: MeshError, failed_peer: str | None, step_id: int | None) -> None:
         """`failed_peer`: the hop to blame (a broken stream, a failed push); None passes `error` on as it is.
-        A hop may blame only itself or the hop it pushes to: any other name is its own failure."""
+        A hop may blame only itself or its neighbours in the chain: any other name is its own failure."""
         if link not in self.hops:  # a hop replaced meanwhile: nothing waits on it
             return
-        if failed_peer is not None:
+        if failed_peer is not None:  # its predecessor: a push that was not what it committed to
             own = self.hops.index(link)
-            after = own + 1 if own + 1 < len(self.hops) and self.hops[own + 1].hop.peer_id == failed_peer else own
+            after = own + 1 if own + 1 < len(self.hops) and self.hops[own + 1].hop.peer_id == failed_peer else \
+                own - 1 if own > 0 and self.hops[own - 1].hop.peer_id == failed_peer else own
             error = HopFailed(after, str(error))
         targets = [self._waiting[step_id]] if step_id in self._waiting else list(self._waiting.values())
         for waiter in targets:

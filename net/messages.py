@@ -19,6 +19,7 @@ import torch
 
 from ..model.errors import BadRequest
 from .codec import decode_tensor, encode_tensor
+from .commitments import MAX_COMMITMENTS, Commitment, parse_commitments
 from .wire import PROTOCOL_VERSION, UnknownVersion
 
 __all__ = ["Message", "NextHop", "Ping", "Pong", "Probe", "ProbeReply", "SnapshotRequest", "Snapshot",
@@ -49,6 +50,8 @@ class Message:
                 value = encode_tensor(value, compression)
             elif isinstance(value, NextHop):
                 value = value.to_wire()
+            elif isinstance(value, list) and value and isinstance(value[0], Commitment):
+                value = [c.to_wire() for c in value]
             out[f.name] = value
         return out
 
@@ -299,9 +302,11 @@ class Step(Message):
     prompts: torch.Tensor | None = None
     session_id: str = limits(length=MAX_ID, default="")  # set on pushes: which session of the receiving server
     want_output: bool = True  # False for replays: the answer is an acknowledgement without hidden states
+    commitments: list = limits(length=MAX_COMMITMENTS, default_factory=list)  # on pushes: the hops' so far
 
     def validate(self) -> None:
         check_inputs(self)
+        self.commitments = parse_commitments(self.commitments, "Step.commitments")
 
 
 @dataclass
@@ -312,8 +317,10 @@ class StepResult(Message):
     step_id: int = limits(0)
     position: int = limits(0)
     hidden: torch.Tensor
+    commitments: list = limits(length=MAX_COMMITMENTS, default_factory=list)  # one per hop, in chain order
 
     def validate(self) -> None:
+        self.commitments = parse_commitments(self.commitments, "StepResult.commitments")
         if not self.hidden.is_floating_point() or self.hidden.dim() != 3:
             raise BadRequest(f"StepResult.hidden: expected a floating [batch, tokens, hidden] tensor, got "
                              f"{str(self.hidden.dtype).removeprefix('torch.')} {list(self.hidden.shape)}")
@@ -324,6 +331,7 @@ class HistoryRequest(Message):
     """Ask for the outputs a server kept for positions [0, before)."""
 
     before: int = limits(0)  # positions [0, before) of what this session pushed
+    exact: bool = False  # uncompressed, whatever the session's compression (spot checks compare digests)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ..model.lora import LoraWeights
 from ..model.span import Span, SpanCache
 from . import wire
 from .codec import check_compression
+from .commitments import Commitment, as_received
 from .lane import ComputeLane
 from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Predecessor,
                        Relink, SessionOpened, Step, StepResult)
@@ -226,6 +227,7 @@ class ServerSession:
     def __init__(self, owner: Sessions, session_id: str, peer: str, opened: OpenSession, span: Span,
                  client_stream, step_fn: StepFn) -> None:
         self.node = owner.node
+        self.key = owner.node.host.get_private_key()  # signs this session's commitments
         self.id = session_id
         self.peer = peer  # who opened it: only its stream controls the session
         self.prev = opened.prev  # the only peer whose pushes it takes
@@ -287,7 +289,8 @@ class ServerSession:
                 done.cancel()
                 return
             if isinstance(msg, HistoryRequest):
-                await self._send_client(self.history(msg.before).to_wire(self.opened.compression))
+                compression = "none" if msg.exact else self.opened.compression
+                await self._send_client(self.history(msg.before).to_wire(compression))
                 continue
             if isinstance(msg, Predecessor):
                 self.prev = msg.peer_id
@@ -312,6 +315,11 @@ class ServerSession:
             if step is None:
                 log.info("session %s idle for %.0f s: closing", self.id[:8], self.idle_timeout)
                 return
+            if source == "push" and not (step.commitments and step.commitments[-1].matches(step.hidden)):
+                self.counters.errors += 1
+                bad = PeerUnavailable(f"{short_id(self.prev)} pushed values that differ from its signed commitment")
+                await self._send_client(wire.error_frame(bad, step_id=step.step_id, peer_id=self.prev))
+                continue
             try:
                 out = await self.step_fn(self.span, self.cache, step)
             except MeshError as e:  # a bad step is answered; the session stays usable
@@ -324,14 +332,17 @@ class ServerSession:
             else:
                 self.counters.steps_from_clients += 1
                 self.counters.tokens_from_clients += step.hidden.shape[1]
+            out = as_received(out, self.opened.compression)  # what the next hop (or client) decodes
+            commitments = [*step.commitments, Commitment.make(self.key, self.id, step.position, out)]
             if self.next is not None:
-                await self._push(step, out)
+                await self._push(step, out, commitments)
             self._keep(step, out)
             if self.next is not None:
                 continue
             if not step.want_output:
                 out = out[:, :0]
-            await self._send_client(StepResult(step.step_id, step.position, out).to_wire(self.opened.compression))
+            result = StepResult(step.step_id, step.position, out, commitments)
+            await self._send_client(result.to_wire(self.opened.compression))
 
     def _keep(self, step: Step, out: torch.Tensor) -> None:
         """Keep what we pushed: the next server's inputs, to rebuild a replacement's cache after a failure."""
@@ -341,10 +352,10 @@ class ServerSession:
     def history(self, before: int) -> History:
         return concat_steps(self.outputs, before, self.opened.batch_size, self.span.hidden_size)
 
-    async def _push(self, step: Step, out: torch.Tensor) -> None:
+    async def _push(self, step: Step, out: torch.Tensor, commitments: list[Commitment]) -> None:
         nxt = self.next
         pushed = Step(step.step_id, step.position, out, step.position_ids, step.attention_mask, None,
-                      session_id=nxt.session_id, want_output=step.want_output)
+                      session_id=nxt.session_id, want_output=step.want_output, commitments=commitments)
         try:
             if self._push_stream is None:
                 await self._open_push(nxt)

@@ -28,12 +28,17 @@ from . import wire
 from .adapters import ClientLora
 from .client import remote_backward, remote_forward
 from .chain import ChainConfig, RouteUnavailable, candidates
+from ..model.errors import MeshError
 from .node import PeerUnavailable
 from .wire import short_id
 
 __all__ = ["Pass", "Grads", "SwarmBlocks"]
 
 log = logging.getLogger("mesh.training")
+
+class CaughtLying(PeerUnavailable):
+    """A spot check found a hop's answer wrong: its blocks are rerouted like a failed hop's."""
+
 
 RETRIABLE = (PeerUnavailable, wire.FrameTimeout, wire.StreamClosed, wire.Unavailable, wire.Busy, trio.TooSlowError)
 MAX_RETRIES = 5
@@ -132,6 +137,9 @@ class SwarmBlocks:
                     y = await remote_forward(self.node, self._info(hop.peer_id), hop.start, hop.end, x, position_ids,
                                              attention_mask, prompts=_slice(prompts, hop), lora=lora,
                                              compression=self.compression, keep=keep, timeout=self.timeout)
+                    await self._spot_check(hop, y, attention_mask, lambda s, hop=hop, x=x: remote_forward(
+                        self.node, s, hop.start, hop.end, x, position_ids, attention_mask,
+                        prompts=_slice(prompts, hop), lora=lora, compression=self.compression, timeout=self.timeout))
                     hops.append(hop)
                     inputs.append(x)
                     keeps.append(keep)
@@ -160,6 +168,7 @@ class SwarmBlocks:
                                           done.position_ids, done.attention_mask, prompts=_slice(done.prompts, hop),
                                           lora=done.lora, compression=self.compression, keep=keep,
                                           timeout=self.timeout)
+                await self._spot_check(hop, g.hidden, done.attention_mask, lambda s: self._grad_input(s, hop, x, grad, done))
                 grads.add_hop(hop, g.prompts, g.lora, per_block, shape)
                 return g.hidden
             except RETRIABLE as e:
@@ -173,6 +182,29 @@ class SwarmBlocks:
                 return inner.hidden
             except RETRIABLE as e:
                 failures = self._failed(hop, e, failures)
+
+    async def _grad_input(self, server, hop: Hop, x: torch.Tensor, grad: torch.Tensor, done: Pass) -> torch.Tensor:
+        if server is None:
+            raise MeshError("local checks of training passes are not supported")
+        g = await remote_backward(self.node, server, hop.start, hop.end, x, grad, done.position_ids,
+                                  done.attention_mask, prompts=_slice(done.prompts, hop), lora=done.lora,
+                                  compression=self.compression, timeout=self.timeout)
+        return g.hidden
+
+    async def _spot_check(self, hop: Hop, claimed: torch.Tensor, mask: torch.Tensor | None, run) -> None:
+        """With the checker's rate, re-run a hop's forward or backward elsewhere (net/verify.py); a hop
+        found lying raises CaughtLying, which reroutes its blocks like any failure."""
+        checker = self.cfg.checker
+        if checker is None or not checker.due():
+            return
+        mask = mask if mask is not None else torch.ones(claimed.shape[:2], dtype=torch.long)
+        verdict, _ = await checker.judge_call(self._info(hop.peer_id), hop.start, hop.end, claimed, mask,
+                                              self.bans.banned(), run)
+        if verdict.first_bad is None:
+            return
+        if verdict.proven:
+            checker.convict(hop.peer_id, verdict.evidence)
+        raise CaughtLying(f"{short_id(hop.peer_id)}: {verdict.evidence}")
 
     def _failed(self, hop: Hop, e: BaseException, failures: int) -> int:
         failures += 1

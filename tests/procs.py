@@ -21,12 +21,12 @@ LISTENING = re.compile(r"^mesh: listening on (\S+)$", re.M)
 
 class MeshProcess:
     def __init__(self, args: list[str], log: Path, env: dict | None = None, netns: str | None = None,
-                 clock_skew: float = 0.0) -> None:
+                 clock_skew: float = 0.0, command: list[str] | None = None) -> None:
         self.args = args
         self.log = log
         self._file = open(log, "w")
         inside = ["ip", "netns", "exec", netns] if netns else []  # execs: the PID stays the program's
-        command = [*SKEWED_MESH, str(clock_skew)] if clock_skew else MESH
+        command = command or ([*SKEWED_MESH, str(clock_skew)] if clock_skew else MESH)
         self.proc = subprocess.Popen([*inside, *command, *args], stdout=self._file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self.addr: str | None = None
@@ -90,12 +90,18 @@ class MeshProcess:
 
 
 def serve(folder: Path | str, blocks: str, log: Path, peers: list[str] = (), *extra: str,
-          clock_skew: float = 0.0) -> MeshProcess:
+          clock_skew: float = 0.0, command: list[str] | None = None) -> MeshProcess:
     args = ["serve", str(folder), "--blocks", blocks, "--listen", "/ip4/127.0.0.1/tcp/0", "--new-identity",
             "--announce-period", "1", "--threads", "1", *extra]
     for p in peers:
         args += ["--initial-peers", p]
-    return MeshProcess(args, log, env={"HF_HUB_OFFLINE": "1"}, clock_skew=clock_skew)
+    return MeshProcess(args, log, env={"HF_HUB_OFFLINE": "1"}, clock_skew=clock_skew, command=command)
+
+
+def cheating_serve(after: int, fraction: float, seed: int, *args, **kwargs) -> MeshProcess:
+    """`serve`, in a process whose span perturbs its outputs (tests/cheater.py)."""
+    cheat = [sys.executable, str(Path(__file__).with_name("cheater.py")), str(after), str(fraction), str(seed)]
+    return serve(*args, command=cheat, **kwargs)
 
 
 async def run_mesh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:

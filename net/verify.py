@@ -1,0 +1,303 @@
+"""Spot checks: a client re-executes a random fraction of its steps elsewhere and catches servers that lie.
+
+A server can return wrong activations (broken hardware, a bad quantization, or on purpose) and nothing in
+the protocol alone would notice. After a step, with probability `rate` (and at least once every
+`max_gap` steps, so a lie is caught within a bounded number of steps), the client checks every hop:
+
+1. It fetches each hop's history exactly (`HistoryRequest(exact=True)`) and checks it against the hop's
+   signed commitments (`net/commitments.py`): a hop whose history is not what it signed for is caught by
+   its own signature. The histories are then what was really sent, and hop i's input is hop i-1's history.
+2. It re-executes each hop's blocks on the whole history, in one stateless forward pass, on a checker: an
+   independent server holding those blocks (not in the chain, not banned), or its own local blocks.
+3. It compares per position, within a tolerance set by both sides' dtype and quantization (`tolerance`).
+   Comparing all positions, not only the step's, means a lie told at any earlier step is seen too.
+4. On a mismatch a referee decides: a third server, or the client's own blocks. The side the referee
+   disagrees with is the liar: banned for this client for good, logged with its evidence, recorded for
+   `mesh status`. With no referee the hop is dropped from the route (not banned: nobody could tell).
+5. The caller rebuilds the route without the liar and rewinds to the first bad position (`Rewind`), so
+   generation continues from honest caches and the final tokens equal an honest run's.
+
+A check costs one forward pass over the history per hop, on other servers, while the client waits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import torch
+import trio
+
+from ..model.errors import BadRequest, MeshError
+from ..model.span import Span
+from .announce import ServerInfo, ServerState
+from .commitments import Commitment
+from .messages import History
+from .steplog import concat_steps
+from .wire import short_id
+
+__all__ = ["DEFAULT_VERIFY", "COMPRESSION_ERROR", "check_rate", "SpotChecker", "StepRecord", "Verdict", "spot_check", "check_commitments", "tolerance", "relative_errors", "caught_path", "read_caught",
+           "QUANT_ERROR"]
+
+log = logging.getLogger("mesh.verify")
+
+# relative L2 error of a 10-block span's output vs fp32 (tests/test_quant.py checks these bounds)
+QUANT_ERROR = {("none", "float32"): 0.0, ("none", "bfloat16"): 1e-2, ("none", "float16"): 1e-2,
+               ("int8", "float32"): 2e-2, ("nf4", "float32"): 1.5e-1}
+SAME_KIND = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # two servers of one kind: rounding only
+LOCAL = ("none", "float32")  # the client's own blocks
+COMPRESSION_ERROR = {"none": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 2e-2}  # relative, of the wire codec
+DEFAULT_VERIFY = 0.02  # clients of the open swarm check 2% of their steps (and each answer as a whole)
+
+
+def check_rate(rate: float) -> float:
+    """A spot-check rate from a user: a fraction of steps in [0, 1]."""
+    if not 0.0 <= rate <= 1.0:
+        raise BadRequest(f"--verify {rate}: expected a fraction of steps between 0 and 1")
+    return float(rate)
+
+
+def _kind(info: ServerInfo | None) -> tuple[str, str]:
+    return LOCAL if info is None else (info.quant, info.dtype)
+
+
+def tolerance(a: ServerInfo | None, b: ServerInfo | None, blocks: int) -> float:
+    """How far (relative L2, per position) two honest executions of `blocks` blocks may differ; None: the
+    client's own fp32 blocks. Same kind: rounding; else each side's quantization error, with margin."""
+    ka, kb = _kind(a), _kind(b)
+    if ka == kb:
+        return SAME_KIND.get(ka[1], 5e-2)
+    noise = QUANT_ERROR.get(ka, 0.2) + QUANT_ERROR.get(kb, 0.2)
+    return SAME_KIND["float32"] + 3 * noise * math.sqrt(max(1.0, blocks / 10))
+
+
+def relative_errors(claimed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per position [T]: the largest over the batch of ||claimed − reference|| / ||reference|| (padding 0)."""
+    diff = (claimed.float() - reference.float()).norm(dim=-1)
+    err = diff / reference.float().norm(dim=-1).clamp_min(1e-6)
+    return (err * (mask != 0)).amax(dim=0)
+
+
+@dataclass
+class StepRecord:
+    """A step's place and the commitments that came back with it: (peer id, session id, commitment) per hop."""
+
+    position: int
+    tokens: int
+    signed: list[tuple[str, str, Commitment]]
+
+
+@dataclass
+class Verdict:
+    """What one hop's check found: the first bad position (None: honest) and its evidence."""
+
+    peer_id: str
+    first_bad: int | None = None
+    evidence: str = ""
+    proven: bool = False  # caught by its own signature or by a referee
+
+
+Execute = Callable[[ServerInfo | None, int, int, History], Awaitable[torch.Tensor]]
+
+
+@dataclass
+class SpotChecker:
+    """When to check (rate, bounded gap), and how to judge one hop: `execute(server or None for local,
+    start, end, inputs)` re-runs blocks; `servers()` lists the swarm's servers of this model."""
+
+    rate: float
+    servers: Callable[[], list[ServerInfo]]
+    execute: Execute
+    local: Span | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    wire_error: float = 0.0  # the chain's compression error, forgiven on top of `tolerance`
+    record_to: Path | None = None  # where caught servers are recorded for `mesh status`
+    banish: Callable[[str], None] | None = None  # bans a convicted peer for the client (BanList.convict)
+    checks: int = 0
+    since: int = 0
+    caught: dict[str, str] = field(default_factory=dict)  # peer id -> evidence
+
+    @property
+    def max_gap(self) -> int:
+        return max(1, math.ceil(2 / self.rate)) if self.rate > 0 else 0
+
+    def due(self) -> bool:
+        """Whether the step just taken is checked: with probability `rate`, and after `max_gap` unchecked."""
+        if self.rate <= 0:
+            return False
+        self.since += 1
+        if self.since >= self.max_gap or self.rng.random() < self.rate:
+            self.since = 0
+            return True
+        return False
+
+    def _holders(self, start: int, end: int, exclude: set[str], banned: frozenset[str]) -> list[ServerInfo | None]:
+        """Who can re-execute blocks [start, end): independent servers (shuffled), then local blocks."""
+        out: list[ServerInfo | None] = [s for s in self.servers() if s.start <= start and end <= s.end
+                                        and s.state == ServerState.ONLINE and s.peer_id not in exclude
+                                        and s.peer_id not in banned]
+        self.rng.shuffle(out)
+        if self.local is not None and self.local.start <= start and end <= self.local.end:
+            out.append(None)
+        return out
+
+    async def judge(self, info: ServerInfo, start: int, end: int, inputs: History, claimed: torch.Tensor,
+                    banned: frozenset[str]) -> Verdict:
+        """Check one hop's claimed outputs for `inputs`; a mismatch goes to a referee."""
+        verdict, _ = await self.judge_call(info, start, end, claimed, inputs.attention_mask, banned,
+                                           lambda holder: self.execute(holder, start, end, inputs))
+        return verdict
+
+    async def judge_call(self, info: ServerInfo, start: int, end: int, claimed: torch.Tensor, mask: torch.Tensor,
+                         banned: frozenset[str], run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]]
+                         ) -> tuple[Verdict, torch.Tensor | None]:
+        """Check what `info` answered for blocks [start, end) (`claimed`, [B, T, H]) against `run` on an
+        independent holder, a referee deciding a mismatch; also returns the answer judged honest."""
+        verdict = Verdict(info.peer_id)
+        checker, reference = await self._run_somewhere(start, end, run, {info.peer_id}, banned)
+        if reference is None:
+            log.info("cannot check blocks %d:%d of %s: no independent server holds them", start, end,
+                     short_id(info.peer_id))
+            return verdict, claimed
+        self.checks += 1
+        errors = relative_errors(claimed, reference, mask)
+        tol = tolerance(info, checker, end - start) + self.wire_error
+        bad = (errors > tol).nonzero()
+        if not len(bad):
+            return verdict, claimed
+        first = int(bad[0])
+        exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
+        referee, third = await self._run_somewhere(start, end, run, exclude, banned)
+        by = _name(checker)
+        if third is None:
+            verdict.first_bad = first
+            verdict.evidence = (f"blocks {start}:{end} differ from {by}'s at position {first} (relative error "
+                                f"{errors[first]:.3g} > {tol:.3g}); no referee")
+            return verdict, reference
+        if bool((relative_errors(claimed, third, mask) > tolerance(info, referee, end - start) + self.wire_error).any()):
+            verdict.first_bad, verdict.proven = first, True
+            verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error {errors[first]:.3g} "
+                                f"(tolerance {tol:.3g}) against {by}; referee {_name(referee)} agrees with {by}")
+            return verdict, third
+        if checker is not None:  # the referee sides with the hop: the checker lied
+            log.warning("checker %s disagreed with %s on blocks %d:%d, referee %s sided with the hop",
+                        short_id(checker.peer_id), short_id(info.peer_id), start, end, _name(referee))
+            self.convict(checker.peer_id, f"re-executed blocks {start}:{end} wrongly (referee {_name(referee)})")
+        return verdict, claimed
+
+    async def _run_somewhere(self, start: int, end: int, run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]],
+                             exclude: set[str], banned: frozenset[str]
+                             ) -> tuple[ServerInfo | None, torch.Tensor | None]:
+        """Run on the first holder of [start, end) that answers; (None, None) when none can."""
+        for holder in self._holders(start, end, exclude, banned):
+            try:
+                return holder, await run(holder)
+            except (MeshError, trio.TooSlowError) as e:
+                log.info("checker %s failed: %s", _name(holder), e)
+        return None, None
+
+    def convict(self, peer_id: str, evidence: str) -> None:
+        """Record a liar with its evidence (log, and the file `mesh status` reads)."""
+        self.caught[peer_id] = evidence
+        if self.banish is not None:
+            self.banish(peer_id)
+        log.warning("server %s caught: %s; banned for this client", short_id(peer_id), evidence)
+        if self.record_to is not None:
+            record_caught(self.record_to, peer_id, evidence)
+
+
+async def spot_check(session, end: int) -> dict[int, Verdict]:
+    """Check each hop of an inference session (`net/inference.py`) for positions [0, end); the hops found
+    lying (by index), each with its verdict. Hops whose history cannot be had are left to failover."""
+    checker: SpotChecker = session.cfg.checker
+    hops = list(session.hops)
+    histories: list[History | None] = [None] * len(hops)
+
+    async def fetch(i: int) -> None:
+        try:
+            histories[i] = await hops[i].history(end, exact=True)
+        except (MeshError, trio.TooSlowError) as e:
+            log.info("spot check: no history from %s: %s", short_id(hops[i].hop.peer_id), e)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(hops)):
+            nursery.start_soon(fetch, i)
+    verdicts: dict[int, Verdict] = {}
+    for i, (link, history) in enumerate(zip(hops, histories)):
+        if history is None or history.hidden.shape[1] != end:
+            continue
+        first = check_commitments(history.hidden, link.hop.peer_id, link.session.session_id, session.records)
+        if first is not None:
+            verdicts[i] = Verdict(link.hop.peer_id, first, f"its history differs from its signed commitment "
+                                                            f"at position {first}", proven=True)
+    batch, hidden = session.cfg.batch_size, histories[0].hidden.shape[2] if histories[0] is not None else 0
+    banned = session.cfg.bans.banned() | {h.hop.peer_id for h in hops}
+
+    async def judge(i: int) -> None:
+        inputs = concat_steps(session.inputs, end, batch, hidden) if i == 0 else histories[i - 1]
+        if inputs is None or i in verdicts or (i - 1) in verdicts or histories[i] is None:
+            return
+        link = hops[i]
+        verdict = await checker.judge(link.info, link.hop.start, link.hop.end, inputs, histories[i].hidden,
+                                      banned)
+        if verdict.first_bad is not None:
+            verdicts[i] = verdict
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(hops)):
+            nursery.start_soon(judge, i)
+    return verdicts
+
+
+def _name(info: ServerInfo | None) -> str:
+    return "the client's own blocks" if info is None else short_id(info.peer_id)
+
+
+def check_commitments(history: torch.Tensor, peer_id: str, session_id: str, records: list[StepRecord]
+                      ) -> int | None:
+    """The first position where a hop's history differs from what it signed (None: it matches)."""
+    for record in records:
+        for peer, session, commitment in record.signed:
+            if (peer, session) != (peer_id, session_id):
+                continue
+            end = record.position + record.tokens
+            if end > history.shape[1] or not commitment.signed_by(peer_id, session_id) \
+                    or commitment.position != record.position \
+                    or not commitment.matches(history[:, record.position:end]):
+                return record.position
+    return None
+
+
+def caught_path() -> Path:
+    """Where this user's clients record the servers they caught ($MESH_HOME or ~/.config/mesh)."""
+    home = Path(os.environ.get("MESH_HOME", Path.home() / ".config" / "mesh"))
+    return home / "caught.json"
+
+
+def record_caught(path: Path, peer_id: str, evidence: str) -> None:
+    try:
+        data = read_caught(path)
+        data[peer_id] = {"time": time.time(), "evidence": evidence[:500]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot record caught server in %s: %s", path, e)
+
+
+def read_caught(path: Path) -> dict[str, dict]:
+    """Servers this user's clients caught: peer id -> {time, evidence}; empty when none or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, dict)} \
+        if isinstance(data, dict) else {}
