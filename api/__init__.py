@@ -32,6 +32,7 @@ from ..net.announce import ServerInfo
 from ..net.chain import BanList, ChainConfig, accept_any
 from ..net.client import remote_forward
 from ..net.messages import History
+from ..net.shadows import Shadow, open_shadow
 from ..net.verify import COMPRESSION_ERROR, DEFAULT_VERIFY, SpotChecker, caught_path, check_rate
 from ..net.inference import InferenceSession, is_exact, open_inference_session
 from ..net.node import NodeConfig, env_initial_peers
@@ -66,7 +67,7 @@ class SwarmSession:
             cfg = ChainConfig(client.node, client.swarm.table, client.rtt, model.source.model_id, model.num_blocks,
                               max_length, batch_size, compression=model.compression, bans=model.bans,
                               route_wait=model.route_wait, accept=model.accept,
-                              lora=model.lora, checker=model.new_checker())
+                              lora=model.lora, checker=model.new_checker(max_length, batch_size))
             async with open_inference_session(cfg) as session:
                 done = trio.Event()
                 task_status.started((session, done))
@@ -134,11 +135,16 @@ class DistributedModelForCausalLM:
         self.verify = 0.0  # fraction of steps spot-checked on independent servers (net/verify.py)
         self.local_blocks: Span | None = None  # blocks this client holds: a checker and referee of its own
 
-    def new_checker(self) -> SpotChecker | None:
-        """Spot checks for a new session, or None with `verify` 0."""
+    def new_checker(self, max_length: int = 0, batch_size: int = 1) -> SpotChecker | None:
+        """Spot checks for a new session (its sizes), or None with `verify` 0."""
         if self.verify <= 0:
             return None
         node, table, model_id = self.client.node, self.client.swarm.table, self.source.model_id
+        local = self.local_blocks if self.lora is None else None  # a local check would need the adapter
+
+        async def shadow(info: ServerInfo | None, start: int, end: int) -> Shadow:
+            return await open_shadow(node, info, start, end, max_length=max_length, batch_size=batch_size,
+                                     lora=self.lora, local=local)
 
         async def execute(info: ServerInfo | None, start: int, end: int, inputs: History) -> torch.Tensor:
             if info is None:
@@ -148,8 +154,7 @@ class DistributedModelForCausalLM:
             return await remote_forward(node, info, start, end, inputs.hidden, inputs.position_ids,
                                         inputs.attention_mask, lora=self.lora, timeout=60)
 
-        local = self.local_blocks if self.lora is None else None  # a local check would need the adapter
-        return SpotChecker(self.verify, lambda: table.servers(model_id), execute, local=local,
+        return SpotChecker(self.verify, lambda: table.servers(model_id), execute, shadow, local=local,
                            wire_error=COMPRESSION_ERROR[self.compression], record_to=caught_path(),
                            banish=self.bans.convict)
 

@@ -96,6 +96,8 @@ class InferenceSession:
         trim_steps(self.inputs, position)
         self.inputs.append(msg)
         self.records = [r for r in self.records if r.position + r.tokens <= position]  # what stands
+        if self.cfg.checker is not None:  # positions fed again (rejected drafts) are checked again
+            self.cfg.checker.verified_to = min(self.cfg.checker.verified_to, position)
         failure: HopFailed | None = None
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -328,3 +330,5 @@ async def open_inference_session(cfg: ChainConfig) -> AsyncIterator[InferenceSes
             with trio.CancelScope(shield=True):
                 for link in session.hops:
                     await close_quietly(link.stack)
+                if cfg.checker is not None:
+                    await cfg.checker.aclose()

@@ -40,6 +40,7 @@ from ..model.span import Span
 from .announce import ServerInfo, ServerState
 from .commitments import Commitment
 from .messages import History
+from .shadows import Shadow
 from .steplog import concat_steps
 from .wire import short_id
 
@@ -105,16 +106,19 @@ class Verdict:
 
 
 Execute = Callable[[ServerInfo | None, int, int, History], Awaitable[torch.Tensor]]
+OpenShadow = Callable[[ServerInfo | None, int, int], Awaitable[Shadow]]
 
 
 @dataclass
 class SpotChecker:
-    """When to check (rate, bounded gap), and how to judge one hop: `execute(server or None for local,
-    start, end, inputs)` re-runs blocks; `servers()` lists the swarm's servers of this model."""
+    """When to check (rate, bounded gap), and how to judge one hop: a shadow (`open_shadow(server or None
+    for local, start, end)`) re-runs the hop's new positions; `execute(…, inputs)` re-runs a whole history
+    statelessly (referees); `servers()` lists the swarm's servers of this model. Owns its shadows."""
 
     rate: float
     servers: Callable[[], list[ServerInfo]]
     execute: Execute
+    open_shadow: OpenShadow | None = None
     local: Span | None = None
     rng: random.Random = field(default_factory=random.Random)
     wire_error: float = 0.0  # the chain's compression error, forgiven on top of `tolerance`
@@ -122,7 +126,14 @@ class SpotChecker:
     banish: Callable[[str], None] | None = None  # bans a convicted peer for the client (BanList.convict)
     checks: int = 0
     since: int = 0
+    verified_to: int = 0  # positions [0, verified_to) of the current chain were checked
     caught: dict[str, str] = field(default_factory=dict)  # peer id -> evidence
+    shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        shadows, self.shadows = list(self.shadows.values()), {}
+        for shadow in shadows:
+            await shadow.aclose()
 
     @property
     def max_gap(self) -> int:
@@ -149,11 +160,78 @@ class SpotChecker:
         return out
 
     async def judge(self, info: ServerInfo, start: int, end: int, inputs: History, claimed: torch.Tensor,
-                    banned: frozenset[str]) -> Verdict:
-        """Check one hop's claimed outputs for `inputs`; a mismatch goes to a referee."""
-        verdict, _ = await self.judge_call(info, start, end, claimed, inputs.attention_mask, banned,
-                                           lambda holder: self.execute(holder, start, end, inputs))
+                    since: int, banned: frozenset[str]) -> Verdict:
+        """Check one hop's claimed outputs for positions [since, T) of `inputs` ([0, T)) on its shadow; a
+        mismatch goes to a referee, which re-runs the whole history."""
+        verdict = Verdict(info.peer_id)
+        total = inputs.hidden.shape[1]
+        if since >= total:  # nothing new since the last check
+            return verdict
+        shadow = await self._shadow(start, end, {info.peer_id}, banned)
+        if shadow is None:
+            log.info("cannot check blocks %d:%d of %s: no independent server holds them", start, end,
+                     short_id(info.peer_id))
+            return verdict
+        a = min(shadow.fed, since)
+        try:
+            reference = await shadow.run(a, inputs.hidden[:, a:], inputs.position_ids[:, a:],
+                                         inputs.attention_mask[:, a:])
+        except (MeshError, trio.TooSlowError) as e:
+            log.info("checker %s failed: %s", _name(shadow.holder), e)
+            await self._drop(start, end)
+            return verdict
+        self.checks += 1
+        window = slice(since, total)
+        mask = inputs.attention_mask[:, window]
+        errors = relative_errors(claimed[:, window], reference[:, since - a:], mask)
+        checker = shadow.holder
+        tol = tolerance(info, checker, end - start) + self.wire_error
+        bad = (errors > tol).nonzero()
+        if not len(bad):
+            return verdict
+        first = since + int(bad[0])
+        exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
+        referee, third = await self._run_somewhere(start, end, lambda h: self.execute(h, start, end, inputs),
+                                                   exclude, banned)
+        by = _name(checker)
+        if third is None:
+            verdict.first_bad = first
+            verdict.evidence = (f"blocks {start}:{end} differ from {by}'s at position {first} (relative error "
+                                f"{errors[first - since]:.3g} > {tol:.3g}); no referee")
+            return verdict
+        to_hop = relative_errors(claimed[:, window], third[:, window], mask)
+        if bool((to_hop > tolerance(info, referee, end - start) + self.wire_error).any()):
+            verdict.first_bad, verdict.proven = first, True
+            verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error "
+                                f"{errors[first - since]:.3g} (tolerance {tol:.3g}) against {by}; referee "
+                                f"{_name(referee)} agrees with {by}")
+        elif checker is not None:  # the referee sides with the hop: the checker lied
+            log.warning("checker %s disagreed with %s on blocks %d:%d, referee %s sided with the hop",
+                        short_id(checker.peer_id), short_id(info.peer_id), start, end, _name(referee))
+            self.convict(checker.peer_id, f"re-executed blocks {start}:{end} wrongly (referee {_name(referee)})")
+            await self._drop(start, end)
         return verdict
+
+    async def _shadow(self, start: int, end: int, exclude: set[str], banned: frozenset[str]) -> Shadow | None:
+        """The shadow of blocks [start, end), opened on the first independent holder that takes it."""
+        shadow = self.shadows.get((start, end))
+        if shadow is not None and shadow.holder is not None and (
+                shadow.holder.peer_id in exclude or shadow.holder.peer_id in banned):
+            await self._drop(start, end)  # its server joined the chain, or was banned
+            shadow = None
+        if shadow is None and self.open_shadow is not None:
+            for holder in self._holders(start, end, exclude, banned):
+                try:
+                    shadow = self.shadows[(start, end)] = await self.open_shadow(holder, start, end)
+                    break
+                except (MeshError, trio.TooSlowError) as e:
+                    log.info("cannot open a checker on %s: %s", _name(holder), e)
+        return shadow
+
+    async def _drop(self, start: int, end: int) -> None:
+        shadow = self.shadows.pop((start, end), None)
+        if shadow is not None:
+            await shadow.aclose()
 
     async def judge_call(self, info: ServerInfo, start: int, end: int, claimed: torch.Tensor, mask: torch.Tensor,
                          banned: frozenset[str], run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]]
@@ -240,19 +318,23 @@ async def spot_check(session, end: int) -> dict[int, Verdict]:
     batch, hidden = session.cfg.batch_size, histories[0].hidden.shape[2] if histories[0] is not None else 0
     banned = session.cfg.bans.banned() | {h.hop.peer_id for h in hops}
 
+    since = min(checker.verified_to, end)
+
     async def judge(i: int) -> None:
         inputs = concat_steps(session.inputs, end, batch, hidden) if i == 0 else histories[i - 1]
         if inputs is None or i in verdicts or (i - 1) in verdicts or histories[i] is None:
             return
         link = hops[i]
         verdict = await checker.judge(link.info, link.hop.start, link.hop.end, inputs, histories[i].hidden,
-                                      banned)
+                                      since, banned)
         if verdict.first_bad is not None:
             verdicts[i] = verdict
 
     async with trio.open_nursery() as nursery:
         for i in range(len(hops)):
             nursery.start_soon(judge, i)
+    if all(h is not None for h in histories):  # else the hops without one are checked from here next time
+        checker.verified_to = min([end] + [v.first_bad for v in verdicts.values()])
     return verdicts
 
 
