@@ -1,23 +1,26 @@
-"""Spot checks: a client re-executes a random fraction of its steps elsewhere and catches servers that lie.
+"""Spot checks: a client re-executes a fraction of its steps elsewhere and catches servers that lie.
 
 A server can return wrong activations (broken hardware, a bad quantization, or on purpose) and nothing in
 the protocol alone would notice. After a step, with probability `rate` (and at least once every
-`max_gap` steps, so a lie is caught within a bounded number of steps), the client checks every hop:
+`max_gap` steps, so a lie is caught within a bounded number of steps), and when an answer ends, the
+client checks every hop:
 
 1. It fetches each hop's history exactly (`HistoryRequest(exact=True)`) and checks it against the hop's
    signed commitments (`net/commitments.py`): a hop whose history is not what it signed for is caught by
    its own signature. The histories are then what was really sent, and hop i's input is hop i-1's history.
-2. It re-executes each hop's blocks on the whole history, in one stateless forward pass, on a checker: an
-   independent server holding those blocks (not in the chain, not banned), or its own local blocks.
+2. It feeds each hop's inputs since the last check to that hop's shadow (`net/shadows.py`): a cached
+   session on an independent server holding those blocks (not in the chain, not banned), or the client's
+   own blocks. Every position is compared once, at the first check after it was computed, so a lie told
+   at any step is seen, and all checks together cost about one prefill on other servers.
 3. It compares per position, within a tolerance set by both sides' dtype and quantization (`tolerance`).
-   Comparing all positions, not only the step's, means a lie told at any earlier step is seen too.
-4. On a mismatch a referee decides: a third server, or the client's own blocks. The side the referee
-   disagrees with is the liar: banned for this client for good, logged with its evidence, recorded for
-   `mesh status`. With no referee the hop is dropped from the route (not banned: nobody could tell).
+4. On a mismatch a referee decides: a third server, or the client's own blocks, re-running the whole
+   history statelessly. The side the referee disagrees with is the liar: banned for this client for good,
+   logged with its evidence, recorded for `mesh status`. With no referee the hop is routed around (not
+   convicted: nobody could tell which side lied).
 5. The caller rebuilds the route without the liar and rewinds to the first bad position (`Rewind`), so
    generation continues from honest caches and the final tokens equal an honest run's.
 
-A check costs one forward pass over the history per hop, on other servers, while the client waits.
+Training passes have no caches: `judge_call` re-runs one hop's forward or backward statelessly.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from .shadows import Shadow
 from .steplog import concat_steps
 from .wire import short_id
 
-__all__ = ["DEFAULT_VERIFY", "COMPRESSION_ERROR", "check_rate", "SpotChecker", "StepRecord", "Verdict", "spot_check", "check_commitments", "tolerance", "relative_errors", "caught_path", "read_caught",
-           "QUANT_ERROR"]
+__all__ = ["DEFAULT_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "SpotChecker", "StepRecord",
+           "Verdict", "spot_check", "check_commitments", "tolerance", "relative_errors", "caught_path",
+           "read_caught"]
 
 log = logging.getLogger("mesh.verify")
 
@@ -124,8 +128,8 @@ class SpotChecker:
     wire_error: float = 0.0  # the chain's compression error, forgiven on top of `tolerance`
     record_to: Path | None = None  # where caught servers are recorded for `mesh status`
     banish: Callable[[str], None] | None = None  # bans a convicted peer for the client (BanList.convict)
-    checks: int = 0
-    since: int = 0
+    checks: int = 0  # hop-steps compared
+    unchecked: int = 0  # steps since the last check
     verified_to: int = 0  # positions [0, verified_to) of the current chain were checked
     caught: dict[str, str] = field(default_factory=dict)  # peer id -> evidence
     shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
@@ -143,9 +147,9 @@ class SpotChecker:
         """Whether the step just taken is checked: with probability `rate`, and after `max_gap` unchecked."""
         if self.rate <= 0:
             return False
-        self.since += 1
-        if self.since >= self.max_gap or self.rng.random() < self.rate:
-            self.since = 0
+        self.unchecked += 1
+        if self.unchecked >= self.max_gap or self.rng.random() < self.rate:
+            self.unchecked = 0
             return True
         return False
 
@@ -308,17 +312,17 @@ async def spot_check(session, end: int) -> dict[int, Verdict]:
         for i in range(len(hops)):
             nursery.start_soon(fetch, i)
     verdicts: dict[int, Verdict] = {}
+    since = min(checker.verified_to, end)
     for i, (link, history) in enumerate(zip(hops, histories)):
         if history is None or history.hidden.shape[1] != end:
             continue
-        first = check_commitments(history.hidden, link.hop.peer_id, link.session.session_id, session.records)
+        first = check_commitments(history.hidden, link.hop.peer_id, link.session.session_id, session.records,
+                                  since)
         if first is not None:
             verdicts[i] = Verdict(link.hop.peer_id, first, f"its history differs from its signed commitment "
                                                             f"at position {first}", proven=True)
     batch, hidden = session.cfg.batch_size, histories[0].hidden.shape[2] if histories[0] is not None else 0
     banned = session.cfg.bans.banned() | {h.hop.peer_id for h in hops}
-
-    since = min(checker.verified_to, end)
 
     async def judge(i: int) -> None:
         inputs = concat_steps(session.inputs, end, batch, hidden) if i == 0 else histories[i - 1]
@@ -342,10 +346,13 @@ def _name(info: ServerInfo | None) -> str:
     return "the client's own blocks" if info is None else short_id(info.peer_id)
 
 
-def check_commitments(history: torch.Tensor, peer_id: str, session_id: str, records: list[StepRecord]
-                      ) -> int | None:
-    """The first position where a hop's history differs from what it signed (None: it matches)."""
+def check_commitments(history: torch.Tensor, peer_id: str, session_id: str, records: list[StepRecord],
+                      since: int = 0) -> int | None:
+    """The first position where a hop's history differs from what it signed (None: it matches); steps
+    that end before `since` were checked before."""
     for record in records:
+        if record.position + record.tokens <= since:
+            continue
         for peer, session, commitment in record.signed:
             if (peer, session) != (peer_id, session_id):
                 continue

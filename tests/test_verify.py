@@ -117,3 +117,23 @@ def test_a_rewind_feeds_again_and_the_tokens_equal_a_run_without_lies(tiny_dirs)
     gen.on_rewind = kept.append
     assert gen.generate(ids).tolist() == honest.tolist()
     assert kept == [14 - 10 + 1]  # outputs up to position 13 were honest: the tokens they chose stand
+
+
+async def test_a_local_shadow_fed_in_pieces_equals_one_pass(tiny_dirs):
+    """A shadow holds a cache: positions fed check by check (and again after a rewind) give what one pass
+    over the whole history gives."""
+    from transformers import AutoModelForCausalLM
+
+    from mesh.net.shadows import LocalShadow
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["llama"]), dtype=torch.float32).eval()
+    span = span_from_model(model, 0, 6)
+    x = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(0))
+    pos, mask = torch.arange(10)[None], torch.ones(1, 10, dtype=torch.long)
+    with torch.no_grad():
+        whole = span(x, pos, None, mask)
+    shadow = LocalShadow(span, 1, 16)
+    first = await shadow.run(0, x[:, :7], pos[:, :7], mask[:, :7])
+    again = await shadow.run(5, x[:, 5:], pos[:, 5:], mask[:, 5:])  # from an earlier position: rolled back
+    assert shadow.fed == 10
+    assert torch.allclose(torch.cat([first[:, :5], again], dim=1), whole, atol=1e-5)
