@@ -9,7 +9,8 @@ chain is one server, and the two others can check it and referee), then:
 2. Time to catch: a 4th server whose span lies (tests/cheater.py) on a fraction f of its steps; the
    client is routed through it until it is caught. Over 20 seeded runs per setting (verify 0.05 and 0.2,
    f = 1 and 0.1), the number of steps from its first lie to its ban: median and worst.
-3. The bytes commitments add to a step's frames (first, on real frames).
+3. The bytes commitments add to a step's frames (first, on real frames); with `--tolerances`, each
+   position's error under bf16, int8 and nf4 (what checks must forgive).
 
     .venv/bin/python bench/verify.py [--repeats 3] [--runs 20]
 """
@@ -114,14 +115,50 @@ def commitment_bytes() -> None:
               f"({(with_three - bare) / 3 / tokens:.1f} per hop per token; the step's hidden states: {bare} bytes)")
 
 
+def position_errors() -> None:
+    """Each position's relative error after 10 blocks of SmolLM2, quantized (or bf16) vs float32: what
+    spot checks must forgive (net/verify.py QUANT_ERROR)."""
+    from mesh.model.head import load_head
+    from mesh.model.quant import quantizer
+    from mesh.model.span import load_span
+
+    source = resolve_model("smollm2")
+    tok, head = load_tokenizer(source), load_head(source)
+    texts = [PROMPT, "What is the capital of France? Answer with one word.",
+             "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# the 10th number is"]
+    inputs = [tok(t, return_tensors="pt")["input_ids"][:, :64] for t in texts]
+    inputs.append(torch.randint(100, 20000, (1, 60), generator=torch.Generator().manual_seed(0)))
+    kinds = {"bfloat16": ("none", torch.bfloat16), "int8": ("int8", torch.float32), "nf4": ("nf4", torch.float32)}
+    print("\none position's relative L2 error after 10 blocks, vs float32, over the positions of 4 texts")
+    for a, b in ((0, 10), (10, 20), (20, 30)):
+        before = load_span(source.path, source.config, 0, a) if a else None
+        exact = load_span(source.path, source.config, a, b)
+        for name, (mode, dtype) in kinds.items():
+            span = load_span(source.path, source.config, a, b, dtype, quantizer(mode, dtype))
+            errors = []
+            for ids in inputs:
+                pos = torch.arange(ids.shape[1])[None]
+                with torch.no_grad():
+                    h = head.embed(ids) if before is None else before(head.embed(ids), pos)
+                    ref, out = exact(h, pos), span(h.to(dtype), pos).float()
+                errors.append(((out - ref).norm(dim=-1) / ref.norm(dim=-1))[0])
+            e = torch.cat(errors)
+            print(f"  blocks {a}:{b} {name:>8}: median {e.median():.3f}, p99 {e.quantile(0.99):.3f}, "
+                  f"max {e.max():.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--bytes-only", action="store_true", help="print the commitments' size and stop")
+    parser.add_argument("--tolerances", action="store_true", help="print per-position quantization errors and stop")
     args = parser.parse_args()
     commitment_bytes()
     if args.bytes_only:
+        return
+    if args.tolerances:
+        position_errors()
         return
     source = resolve_model("smollm2")
     ids = load_tokenizer(source)(PROMPT, return_tensors="pt")["input_ids"][:, :64]

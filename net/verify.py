@@ -53,11 +53,13 @@ __all__ = ["DEFAULT_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "
 
 log = logging.getLogger("mesh.verify")
 
-# relative L2 error of a 10-block span's output vs fp32 (tests/test_quant.py checks these bounds)
-QUANT_ERROR = {("none", "float32"): 0.0, ("none", "bfloat16"): 1e-2, ("none", "float16"): 1e-2,
-               ("int8", "float32"): 2e-2, ("nf4", "float32"): 1.5e-1}
-SAME_KIND = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # two servers of one kind: rounding only
+# one position's relative L2 error after 10 blocks vs float32: the largest over SmolLM2's three thirds and
+# four texts (printed by `bench/verify.py --tolerances`; medians are about a third of these)
+QUANT_ERROR = {("none", "float32"): 0.0, ("none", "bfloat16"): 0.1, ("none", "float16"): 0.1,
+               ("int8", "float32"): 0.12, ("nf4", "float32"): 0.45}
+SAME_KIND = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.15}  # two servers of one kind: rounding only
 LOCAL = ("none", "float32")  # the client's own blocks
+MARGIN = 1.5  # over the largest error seen
 COMPRESSION_ERROR = {"none": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 2e-2}  # relative, of the wire codec
 DEFAULT_VERIFY = 0.02  # clients of the open swarm check 2% of their steps (and each answer as a whole)
 
@@ -80,7 +82,7 @@ def tolerance(a: ServerInfo | None, b: ServerInfo | None, blocks: int) -> float:
     if ka == kb:
         return SAME_KIND.get(ka[1], 5e-2)
     noise = QUANT_ERROR.get(ka, 0.2) + QUANT_ERROR.get(kb, 0.2)
-    return SAME_KIND["float32"] + 3 * noise * math.sqrt(max(1.0, blocks / 10))
+    return SAME_KIND["float32"] + MARGIN * noise * math.sqrt(max(1.0, blocks / 10))
 
 
 def relative_errors(claimed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -153,13 +155,16 @@ class SpotChecker:
             return True
         return False
 
-    def _holders(self, start: int, end: int, exclude: set[str], banned: frozenset[str]) -> list[ServerInfo | None]:
-        """Who can re-execute blocks [start, end): independent servers (shuffled), then local blocks."""
+    def _holders(self, start: int, end: int, exclude: set[str], banned: frozenset[str],
+                 like: ServerInfo | None = None, local: bool = True) -> list[ServerInfo | None]:
+        """Who can re-execute blocks [start, end): independent servers in random order, those of the same
+        dtype and quantization as `like` first (their tolerance is tight), then local blocks."""
         out: list[ServerInfo | None] = [s for s in self.servers() if s.start <= start and end <= s.end
                                         and s.state == ServerState.ONLINE and s.peer_id not in exclude
                                         and s.peer_id not in banned]
         self.rng.shuffle(out)
-        if self.local is not None and self.local.start <= start and end <= self.local.end:
+        out.sort(key=lambda s: _kind(s) != _kind(like))
+        if local and self.local is not None and self.local.start <= start and end <= self.local.end:
             out.append(None)
         return out
 
@@ -171,7 +176,7 @@ class SpotChecker:
         total = inputs.hidden.shape[1]
         if since >= total:  # nothing new since the last check
             return verdict
-        shadow = await self._shadow(start, end, {info.peer_id}, banned)
+        shadow = await self._shadow(start, end, {info.peer_id}, banned, info)
         if shadow is None:
             log.info("cannot check blocks %d:%d of %s: no independent server holds them", start, end,
                      short_id(info.peer_id))
@@ -196,7 +201,7 @@ class SpotChecker:
         first = since + int(bad[0])
         exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
         referee, third = await self._run_somewhere(start, end, lambda h: self.execute(h, start, end, inputs),
-                                                   exclude, banned)
+                                                   exclude, banned, info, local=checker is not None)
         by = _name(checker)
         if third is None:
             verdict.first_bad = first
@@ -216,7 +221,8 @@ class SpotChecker:
             await self._drop(start, end)
         return verdict
 
-    async def _shadow(self, start: int, end: int, exclude: set[str], banned: frozenset[str]) -> Shadow | None:
+    async def _shadow(self, start: int, end: int, exclude: set[str], banned: frozenset[str],
+                      like: ServerInfo) -> Shadow | None:
         """The shadow of blocks [start, end), opened on the first independent holder that takes it."""
         shadow = self.shadows.get((start, end))
         if shadow is not None and shadow.holder is not None and (
@@ -224,7 +230,7 @@ class SpotChecker:
             await self._drop(start, end)  # its server joined the chain, or was banned
             shadow = None
         if shadow is None and self.open_shadow is not None:
-            for holder in self._holders(start, end, exclude, banned):
+            for holder in self._holders(start, end, exclude, banned, like):
                 try:
                     shadow = self.shadows[(start, end)] = await self.open_shadow(holder, start, end)
                     break
@@ -243,7 +249,7 @@ class SpotChecker:
         """Check what `info` answered for blocks [start, end) (`claimed`, [B, T, H]) against `run` on an
         independent holder, a referee deciding a mismatch; also returns the answer judged honest."""
         verdict = Verdict(info.peer_id)
-        checker, reference = await self._run_somewhere(start, end, run, {info.peer_id}, banned)
+        checker, reference = await self._run_somewhere(start, end, run, {info.peer_id}, banned, info)
         if reference is None:
             log.info("cannot check blocks %d:%d of %s: no independent server holds them", start, end,
                      short_id(info.peer_id))
@@ -256,7 +262,8 @@ class SpotChecker:
             return verdict, claimed
         first = int(bad[0])
         exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
-        referee, third = await self._run_somewhere(start, end, run, exclude, banned)
+        referee, third = await self._run_somewhere(start, end, run, exclude, banned, info,
+                                                   local=checker is not None)
         by = _name(checker)
         if third is None:
             verdict.first_bad = first
@@ -275,10 +282,11 @@ class SpotChecker:
         return verdict, claimed
 
     async def _run_somewhere(self, start: int, end: int, run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]],
-                             exclude: set[str], banned: frozenset[str]
+                             exclude: set[str], banned: frozenset[str], like: ServerInfo, local: bool = True
                              ) -> tuple[ServerInfo | None, torch.Tensor | None]:
-        """Run on the first holder of [start, end) that answers; (None, None) when none can."""
-        for holder in self._holders(start, end, exclude, banned):
+        """Run on the first holder of [start, end) that answers (`local`: the client's own blocks may be
+        it); (None, None) when none can."""
+        for holder in self._holders(start, end, exclude, banned, like, local):
             try:
                 return holder, await run(holder)
             except (MeshError, trio.TooSlowError) as e:

@@ -112,7 +112,7 @@ def test_the_next_hop_a_peer_names_is_typed_and_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", ["List the planets of the solar system.", "What are the three primary colors?"])
+@pytest.mark.parametrize("prompt", ["What are the three primary colors?"])  # the planets: test_e2e_smollm2.py
 def test_int8_on_every_hop_keeps_smollm2_greedy_identical(smollm2, smollm2_model, prompt):
     """Quantize the hidden states at every boundary (client→S1→S2→S3→client), prefill and each step.
 

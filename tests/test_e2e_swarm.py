@@ -12,6 +12,7 @@ import signal
 import time
 
 import pytest
+import trio
 
 from mesh.net.node import NodeConfig, open_node
 from mesh.net.announce import ServerState
@@ -43,8 +44,19 @@ async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
             await swarm.discover("tiny30", timeout=5)
             assert await swarm.wait_for(lambda t: len(t.servers("tiny30")) == 3, 10 - (time.monotonic() - ready))
 
-            # and `mesh status --json` (a separate process joining now) shows them covering every block
-            result = await run_mesh("status", "tiny30", "--initial-peers", boot, "--json", "--timeout", "5")
+            # and `mesh status --json` (a separate process joining now) shows them covering every block;
+            # without a model (second run, at the same time): the table comes from the snapshot alone, then
+            # gossip keeps it; an initial peer that cannot be reached is named on stderr with the reason
+            dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGfF2mBkoXqiJwoVaRwm3qTFopm1XreeKQCyvjfMZTyms"
+            runs = {}
+
+            async def status(name: str, *args: str) -> None:
+                runs[name] = await run_mesh("status", *args, "--json", "--timeout", "5")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(status, "model", "tiny30", "--initial-peers", boot)
+                nursery.start_soon(status, "all", "--initial-peers", boot, "--initial-peers", dead)
+            result = runs["model"]
             assert result.returncode == 0, result.stdout + result.stderr
             (model,) = json.loads(result.stdout)["models"]
             assert model["covered"]
@@ -52,11 +64,7 @@ async def test_three_servers_status_kill_and_term(tiny30, tmp_path):
             assert model["servers_per_block"] == [1] * 30
             # each server announces where it computes: `--device auto` is the CPU here, at its float32 default
             assert {(s["device"], s["dtype"], s["quant"]) for s in model["servers"]} == {("cpu", "float32", "none")}
-            # without a model: the table comes from the snapshot alone, then gossip keeps it; an initial
-            # peer that cannot be reached is named on stderr with the reason, and the others still answer
-            dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGfF2mBkoXqiJwoVaRwm3qTFopm1XreeKQCyvjfMZTyms"
-            result = await run_mesh("status", "--initial-peers", boot, "--initial-peers", dead, "--json",
-                                    "--timeout", "5")
+            result = runs["all"]
             assert result.returncode == 0, result.stdout + result.stderr
             (model,) = json.loads(result.stdout)["models"]
             assert model["servers_per_block"] == [1] * 30

@@ -1,5 +1,6 @@
-"""Spot checks with real processes: a cheating server is caught and its lies undone; honest quantized
-servers are never accused. The pool serves tiny30 with two fp32 servers per third."""
+"""Spot checks with real processes: a cheating server is caught and its lies undone, in inference and in
+training. The pool serves tiny30 with two fp32 servers per third. (Honest int8 and nf4 servers checked on
+every step: tests/test_e2e_quant.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mesh.net.latency import RttTracker
 from mesh.net.training import SwarmBlocks
 from mesh.net.verify import caught_path, read_caught
 
-from procs import MESH, cheating_serve, serve, wait_for_servers
+from procs import MESH, cheating_serve, wait_for_servers
 from test_e2e_training import local_grads
 
 pytestmark = pytest.mark.e2e
@@ -38,34 +39,6 @@ def through(model, peer_id: str, start: int) -> None:
     """Route this client's blocks [start, …) over `peer_id` until it is caught (the test's choice of chain;
     checkers and referees are drawn from every server)."""
     model.accept = lambda s: s.start != start or s.peer_id == peer_id or peer_id in model.bans.convicted
-
-
-def test_honest_quantized_servers_are_never_accused(pool, tiny30, tmp_path):
-    """Every step checked at every hop (200+ steps of quantized servers), with int8 and nf4 servers in the
-    chain and fp32 checkers: no server is convicted, nothing is generated again. (First in this module: the
-    cheater does not exist yet.)"""
-    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
-    pool.refill()
-    quantized = [serve(tiny30, "0:10", tmp_path / "int8.log", [pool.boot], "--quant", "int8"),
-                 serve(tiny30, "10:20", tmp_path / "nf4.log", [pool.boot], "--quant", "nf4")]
-    try:
-        for p in quantized:
-            p.wait_ready_sync()
-        with DistributedModelForCausalLM.from_pretrained(str(tiny30), [pool.boot], verify=1.0) as model:
-            model.client.call(lambda: wait_for_servers(model, 8))
-            ids8, nf4 = quantized[0].peer_id, quantized[1].peer_id
-            model.accept = lambda s: (s.start != 0 or s.peer_id == ids8) and (s.start != 10 or s.peer_id == nf4)
-            rewinds = []
-            with model.inference_session(max_length=128) as session:
-                session.generator.on_rewind = rewinds.append
-                model.generate(ids, max_new_tokens=100, session=session)
-                assert [h.peer_id for h in session.remote.route][:2] == [ids8, nf4]
-                checks = session.remote.cfg.checker.checks
-            print(f"{checks} hop-steps checked, {2 * checks // 3} of them on quantized servers")
-            assert 2 * checks // 3 >= 200 and not rewinds and not model.bans.convicted
-    finally:
-        for p in quantized:
-            p.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +78,7 @@ def test_cheater_is_caught_and_its_lies_undone(pool, tiny30, reference, cheater)
             out = model.generate(ids, max_new_tokens=NEW, session=session, on_token=on_token)
             route = [h.peer_id for h in session.remote.route]
         assert out.tolist() == expected.tolist()
-        assert cheater.peer_id in model.bans.convicted and cheater.peer_id not in route
+        assert model.bans.convicted == {cheater.peer_id} and cheater.peer_id not in route  # honest hops checked too
         checker = session.remote.cfg.checker
         # lies start at token CHEAT_AFTER - 1; a check comes at least every max_gap steps
         assert caught_at and caught_at[0] <= CHEAT_AFTER + checker.max_gap + 1, (caught_at, checker.max_gap)
