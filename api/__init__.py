@@ -33,7 +33,7 @@ from ..net.chain import BanList, ChainConfig, accept_any
 from ..net.client import remote_forward
 from ..net.messages import History
 from ..net.shadows import Shadow, open_shadow
-from ..net.verify import COMPRESSION_ERROR, DEFAULT_VERIFY, SpotChecker, caught_path, check_rate
+from ..net.verify import COMPRESSION_ERROR, SpotChecker, caught_path, verify_rate
 from ..net.inference import InferenceSession, is_exact, open_inference_session
 from ..net.node import NodeConfig, env_initial_peers
 from ..net.portal import SwarmClient, unwrap
@@ -200,11 +200,12 @@ class DistributedModelForCausalLM:
         device's default, float32 with `exact`) and join the swarm through `initial_peers` (default:
         $MESH_INITIAL_PEERS); waits up to `timeout` s until every block has a server. `swarm_key`: a private
         swarm's key file (default: $MESH_SWARM_KEY; none: the open swarm). `verify`: the fraction of steps
-        spot-checked on independent servers (default: DEFAULT_VERIFY on the open swarm, 0 in a private one)."""
+        spot-checked on independent servers (default: $MESH_VERIFY, else 0.02 on the open swarm and 0 in a
+        private one)."""
         if exact and dtype in (None, "auto"):  # exact servers are float32: so is the head of an exact client
             dtype = torch.float32
         where, key = Device.choose(device, dtype), swarm_key_from(swarm_key)  # bad options fail before loading
-        rate = (0.0 if key is not None else DEFAULT_VERIFY) if verify is None else check_rate(verify)
+        rate = verify_rate(verify, private=key is not None)
         source = resolve_model(name, cache_dir)
         head = load_head(source, where.dtype, where.torch)
         tokenizer = _tokenizer_or_none(source)

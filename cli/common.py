@@ -32,8 +32,8 @@ def verify_option():
     """The --verify option of the commands that generate through the swarm."""
     return typer.Option(None, "--verify", min=0.0, max=1.0, help="Fraction of steps re-executed on an independent "
                         "server holding the same blocks (every answer is also checked as a whole when it ends); a "
-                        "server caught lying is banned and its tokens generated again. Default: 0.02 on the open "
-                        "swarm, 0 with --swarm-key.")
+                        "server caught lying is banned and its tokens generated again. Default: $MESH_VERIFY, else "
+                        "0.02 on the open swarm and 0 with --swarm-key.")
 
 
 def device_option():

@@ -47,7 +47,7 @@ from .shadows import Shadow
 from .steplog import concat_steps
 from .wire import short_id
 
-__all__ = ["DEFAULT_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "SpotChecker", "StepRecord",
+__all__ = ["DEFAULT_VERIFY", "ENV_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "verify_rate", "SpotChecker", "StepRecord",
            "Verdict", "spot_check", "check_commitments", "tolerance", "relative_errors", "caught_path",
            "read_caught"]
 
@@ -64,11 +64,27 @@ COMPRESSION_ERROR = {"none": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 2e-
 DEFAULT_VERIFY = 0.02  # clients of the open swarm check 2% of their steps (and each answer as a whole)
 
 
+ENV_VERIFY = "MESH_VERIFY"
+
+
 def check_rate(rate: float) -> float:
     """A spot-check rate from a user: a fraction of steps in [0, 1]."""
     if not 0.0 <= rate <= 1.0:
         raise BadRequest(f"--verify {rate}: expected a fraction of steps between 0 and 1")
     return float(rate)
+
+
+def verify_rate(rate: float | None, private: bool) -> float:
+    """The rate a client uses: its own, else $MESH_VERIFY, else DEFAULT_VERIFY on the open swarm and 0 in
+    a private one (whose members are known)."""
+    if rate is None and os.environ.get(ENV_VERIFY):
+        try:
+            rate = float(os.environ[ENV_VERIFY])
+        except ValueError:
+            raise BadRequest(f"${ENV_VERIFY}={os.environ[ENV_VERIFY]!r}: expected a fraction of steps") from None
+    if rate is None:
+        return 0.0 if private else DEFAULT_VERIFY
+    return check_rate(rate)
 
 
 def _kind(info: ServerInfo | None) -> tuple[str, str]:

@@ -137,3 +137,17 @@ async def test_a_local_shadow_fed_in_pieces_equals_one_pass(tiny_dirs):
     again = await shadow.run(5, x[:, 5:], pos[:, 5:], mask[:, 5:])  # from an earlier position: rolled back
     assert shadow.fed == 10
     assert torch.allclose(torch.cat([first[:, :5], again], dim=1), whole, atol=1e-5)
+
+
+def test_the_default_rate_is_small_on_the_open_swarm_and_zero_in_a_private_one(monkeypatch):
+    from mesh.net.verify import DEFAULT_VERIFY, verify_rate
+
+    monkeypatch.delenv("MESH_VERIFY", raising=False)
+    assert verify_rate(None, private=False) == DEFAULT_VERIFY == 0.02
+    assert verify_rate(None, private=True) == 0.0
+    assert verify_rate(0.3, private=True) == 0.3
+    monkeypatch.setenv("MESH_VERIFY", "0.1")
+    assert verify_rate(None, private=False) == 0.1 and verify_rate(0.0, private=False) == 0.0
+    monkeypatch.setenv("MESH_VERIFY", "often")
+    with pytest.raises(BadRequest):
+        verify_rate(None, private=False)
