@@ -35,6 +35,7 @@ from mesh.model.errors import Rewind
 from mesh.model.head import load_tokenizer
 from mesh.model.sources import resolve_model
 from mesh.net.chain import BanList
+from mesh.net.inference import CHECK_LAG
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 64
@@ -194,7 +195,7 @@ def main() -> None:
                         missed = len(found) - len(caught)
                         print(f"  lies on {fraction:>4.0%} of steps, --verify {verify:<4}: median "
                               f"{statistics.median(caught) if caught else '-'}, worst {max(caught) if caught else '-'}"
-                              f" steps (bound {int(2 / verify)}){f', {missed} not caught' if missed else ''}")
+                              f" steps (bound {int(2 / verify) + CHECK_LAG + 1}){f', {missed} not caught' if missed else ''}")
                 finally:
                     cheat.kill()
                     cheat.wait(10)

@@ -152,6 +152,8 @@ class HopLink:
     stack: AsyncExitStack  # closes the session
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the reader task
     _history: trio.MemorySendChannel | None = None
+    _history_lock: trio.Lock = field(default_factory=trio.Lock)  # one history request at a time (a spot
+    # check and a failover may both ask)
 
     def as_next_hop(self) -> NextHop:
         return self.session.as_next_hop()
@@ -161,11 +163,12 @@ class HopLink:
 
     async def history(self, before: int, timeout: float = 30.0, exact: bool = False) -> History:
         """The outputs this hop kept for positions [0, before): the next hop's inputs (`exact`: uncompressed)."""
-        send, receive = trio.open_memory_channel(1)
-        self._history = send
         with trio.fail_after(timeout):
-            await wire.write_frame(self.session.stream, HistoryRequest(before, exact).to_wire())
-            return await receive.receive()
+            async with self._history_lock:
+                send, receive = trio.open_memory_channel(1)
+                self._history = send
+                await wire.write_frame(self.session.stream, HistoryRequest(before, exact).to_wire())
+                return await receive.receive()
 
     async def read(self, on_result: OnResult, on_error: OnError) -> None:
         """Frames from this hop until its stream ends; a broken stream is reported as an error too."""

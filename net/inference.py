@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -30,14 +31,15 @@ from .client import ping
 from .messages import History, Step, StepResult
 from .steplog import concat_steps, trim_steps
 from .announce import ServerInfo, ServerState
-from .verify import StepRecord, spot_check
+from .verify import StepRecord, Verdict, spot_check
 from .wire import short_id
 
 log = logging.getLogger("mesh.inference")
 
-__all__ = ["InferenceSession", "open_inference_session", "HopFailed", "is_exact"]
+__all__ = ["InferenceSession", "open_inference_session", "HopFailed", "is_exact", "Check", "CHECK_LAG"]
 
 MAX_RECOVERIES = 6  # per step
+CHECK_LAG = 4  # steps a spot check may run beside before the next step waits for it
 BASE_TIMEOUT = 5.0
 
 
@@ -54,6 +56,16 @@ class HopFailed(MeshError):
 def is_exact(info: ServerInfo) -> bool:
     """Servers whose outputs equal the reference model's: float32 weights, no quantization."""
     return info.quant == "none" and info.dtype == "float32"
+
+
+@dataclass
+class Check:
+    """A spot check of positions [0, end) running beside the session's steps, and what it found."""
+
+    end: int
+    steps: int = 0  # steps taken since it started
+    done: trio.Event = field(default_factory=trio.Event)
+    liars: dict[str, Verdict] = field(default_factory=dict)
 
 
 class InferenceSession:
@@ -73,6 +85,7 @@ class InferenceSession:
         self._step_ids = 0
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._shapes: dict[int, tuple[int, ...]] = {}  # step id -> the shape its result must have
+        self._check: Check | None = None  # the spot check running beside the steps, if any
 
     @property
     def route(self) -> list[Hop]:
@@ -96,8 +109,15 @@ class InferenceSession:
         trim_steps(self.inputs, position)
         self.inputs.append(msg)
         self.records = [r for r in self.records if r.position + r.tokens <= position]  # what stands
-        if self.cfg.checker is not None:  # positions fed again (rejected drafts) are checked again
-            self.cfg.checker.verified_to = min(self.cfg.checker.verified_to, position)
+        checker = self.cfg.checker
+        if checker is not None:  # positions fed again (rejected drafts) are checked again
+            checker.verified_to, checker.floor = min(checker.verified_to, position), min(checker.floor, position)
+            # a check that ran meanwhile and found a liar rewinds; one running for CHECK_LAG steps is waited
+            # for, so a lie is acted on within max_gap + CHECK_LAG + 1 steps
+            check = self._check
+            if check is not None:
+                check.steps += 1
+            await self._take_check(wait=check is not None and check.steps > CHECK_LAG)
         failure: HopFailed | None = None
         for attempt in range(MAX_RECOVERIES + 1):
             try:
@@ -111,23 +131,47 @@ class InferenceSession:
                 failure = e
         else:
             raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {failure}") from failure
-        if self.cfg.checker is not None and self.cfg.checker.due():
-            await self.spot_check(position + hidden.shape[1])
+        if checker is not None and self._check is None and checker.due():
+            self._check = Check(position + hidden.shape[1])  # runs beside the next steps
+            self.nursery.start_soon(self._run_check, self._check)
         return out
 
     async def spot_check(self, end: int) -> None:
-        """Check every hop's outputs for positions [0, end) (net/verify.py); raises `Rewind` after
-        replacing hops caught lying."""
-        liars = await spot_check(self, end)
+        """Check every hop's outputs for positions [0, end) now (net/verify.py), after the check that may
+        be running; raises `Rewind` after replacing hops caught lying."""
+        await self._take_check(wait=True)
+        await self._act_on(await spot_check(self, end))
+
+    async def _run_check(self, check: "Check") -> None:
+        try:
+            check.liars = await spot_check(self, check.end)
+        except (MeshError, trio.TooSlowError) as e:  # a check that fails says nothing about anyone
+            log.info("spot check to position %d failed: %s", check.end, e)
+        finally:
+            check.done.set()
+
+    async def _take_check(self, wait: bool) -> None:
+        """Act on the background check if it has finished (or, with `wait`, once it has)."""
+        check = self._check
+        if check is None or not (wait or check.done.is_set()):
+            return
+        await check.done.wait()
+        self._check = None
+        await self._act_on(check.liars)
+
+    async def _act_on(self, liars: dict[str, Verdict]) -> None:
+        """Convict the proven liars, route around every one, and rewind to the first wrong position."""
         if not liars:
             return
         first = min(v.first_bad for v in liars.values())
-        for i, verdict in liars.items():
+        for peer, verdict in liars.items():
             if verdict.proven:
-                self.cfg.checker.convict(verdict.peer_id, verdict.evidence)
+                self.cfg.checker.convict(peer, verdict.evidence)
             else:
-                log.warning("hop %d (%s): %s; routing around it", i, short_id(verdict.peer_id), verdict.evidence)
-        await self._replace(sorted(liars), ban=True, before=first)
+                log.warning("%s: %s; routing around it", short_id(peer), verdict.evidence)
+        in_chain = [i for i, h in enumerate(self.hops) if h.hop.peer_id in liars]
+        if in_chain:
+            await self._replace(in_chain, ban=True, before=first)
         trim_steps(self.inputs, first)
         self.records = [r for r in self.records if r.position + r.tokens <= first]
         raise Rewind(first)

@@ -146,9 +146,10 @@ class SpotChecker:
     wire_error: float = 0.0  # the chain's compression error, forgiven on top of `tolerance`
     record_to: Path | None = None  # where caught servers are recorded for `mesh status`
     banish: Callable[[str], None] | None = None  # bans a convicted peer for the client (BanList.convict)
-    checks: int = 0  # hop-steps compared
+    checks: int = 0  # positions compared, summed over hops (training: passes compared)
     unchecked: int = 0  # steps since the last check
     verified_to: int = 0  # positions [0, verified_to) of the current chain were checked
+    floor: int = 0  # the lowest position fed again while a check ran (it is not checked by that one)
     caught: dict[str, str] = field(default_factory=dict)  # peer id -> evidence
     shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
 
@@ -205,7 +206,7 @@ class SpotChecker:
             log.info("checker %s failed: %s", _name(shadow.holder), e)
             await self._drop(start, end)
             return verdict
-        self.checks += 1
+        self.checks += total - since
         window = slice(since, total)
         mask = inputs.attention_mask[:, window]
         errors = relative_errors(claimed[:, window], reference[:, since - a:], mask)
@@ -319,12 +320,18 @@ class SpotChecker:
             record_caught(self.record_to, peer_id, evidence)
 
 
-async def spot_check(session, end: int) -> dict[int, Verdict]:
-    """Check each hop of an inference session (`net/inference.py`) for positions [0, end); the hops found
-    lying (by index), each with its verdict. Hops whose history cannot be had are left to failover."""
+async def spot_check(session, end: int) -> dict[str, Verdict]:
+    """Check each hop of an inference session (`net/inference.py`) for positions [0, end); the servers
+    found lying (by peer id), each with its verdict. Hops whose history cannot be had are left to failover.
+    The session may go on stepping meanwhile: this works on what the hops and inputs were at the start,
+    and a step that rolls back below `end` lowers `checker.floor`, so what it fed again is checked again."""
     checker: SpotChecker = session.cfg.checker
-    hops = list(session.hops)
+    checker.floor = end
+    hops, records = list(session.hops), list(session.records)
     histories: list[History | None] = [None] * len(hops)
+    batch = session.cfg.batch_size
+    hidden = session.inputs[0].hidden.shape[2] if session.inputs else 0
+    first_inputs = concat_steps(session.inputs, end, batch, hidden)
 
     async def fetch(i: int) -> None:
         try:
@@ -340,17 +347,16 @@ async def spot_check(session, end: int) -> dict[int, Verdict]:
     for i, (link, history) in enumerate(zip(hops, histories)):
         if history is None or history.hidden.shape[1] != end:
             continue
-        first = check_commitments(history.hidden, link.hop.peer_id, link.session.session_id, session.records,
-                                  since)
+        first = check_commitments(history.hidden, link.hop.peer_id, link.session.session_id, records, since)
         if first is not None:
             verdicts[i] = Verdict(link.hop.peer_id, first, f"its history differs from its signed commitment "
                                                             f"at position {first}", proven=True)
-    batch, hidden = session.cfg.batch_size, histories[0].hidden.shape[2] if histories[0] is not None else 0
     banned = session.cfg.bans.banned() | {h.hop.peer_id for h in hops}
 
     async def judge(i: int) -> None:
-        inputs = concat_steps(session.inputs, end, batch, hidden) if i == 0 else histories[i - 1]
-        if inputs is None or i in verdicts or (i - 1) in verdicts or histories[i] is None:
+        inputs = first_inputs if i == 0 else histories[i - 1]
+        if inputs is None or inputs.hidden.shape[1] != end or i in verdicts or (i - 1) in verdicts \
+                or histories[i] is None or histories[i].hidden.shape[1] != end:
             return
         link = hops[i]
         verdict = await checker.judge(link.info, link.hop.start, link.hop.end, inputs, histories[i].hidden,
@@ -362,8 +368,8 @@ async def spot_check(session, end: int) -> dict[int, Verdict]:
         for i in range(len(hops)):
             nursery.start_soon(judge, i)
     if all(h is not None for h in histories):  # else the hops without one are checked from here next time
-        checker.verified_to = min([end] + [v.first_bad for v in verdicts.values()])
-    return verdicts
+        checker.verified_to = min([end, checker.floor] + [v.first_bad for v in verdicts.values()])
+    return {hops[i].hop.peer_id: v for i, v in verdicts.items()}
 
 
 def _name(info: ServerInfo | None) -> str:

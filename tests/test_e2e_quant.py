@@ -23,7 +23,7 @@ def local_blocks(smollm2):
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_quantized_swarm_answers_a_factual_question(smollm2, quant, tmp_path, local_blocks):
     """The answer is right; and every step is spot-checked against the client's own float32 blocks (its
-    local shadow): 70 steps × 3 hops of quantized servers checked, none accused."""
+    local shadow): 78 positions × 3 hops of quantized servers compared, none accused."""
     with LocalSwarm("smollm2", 30, servers=3, extra=["--quant", quant], log_dir=tmp_path) as swarm:
         with DistributedModelForCausalLM.from_pretrained("smollm2", swarm.initial_peers, verify=1.0) as model:
             infos = model.client.swarm.table.servers(model.source.model_id)
