@@ -18,6 +18,7 @@ chain is one server, and the two others can check it and referee), then:
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import subprocess
@@ -193,9 +194,10 @@ def main() -> None:
                         found = [steps_to_catch(model, ids[:, :16], cheater, verify, seed) for seed in range(args.runs)]
                         caught = sorted(s for s in found if s is not None)
                         missed = len(found) - len(caught)
-                        print(f"  lies on {fraction:>4.0%} of steps, --verify {verify:<4}: median "
-                              f"{statistics.median(caught) if caught else '-'}, worst {max(caught) if caught else '-'}"
-                              f" steps (bound {int(2 / verify) + CHECK_LAG + 1}){f', {missed} not caught' if missed else ''}")
+                        median, worst = (statistics.median(caught), max(caught)) if caught else ("-", "-")
+                        bound = math.ceil(2 / verify) + CHECK_LAG + 1
+                        print(f"  lies on {fraction:>4.0%} of steps, --verify {verify:<4}: median {median}, "
+                              f"worst {worst} steps (bound {bound}){f', {missed} not caught' if missed else ''}")
                 finally:
                     cheat.kill()
                     cheat.wait(10)

@@ -10,8 +10,8 @@ from ..net.identity import default_identity_path
 from ..net.node import DEFAULT_LISTEN, ENV_INITIAL_PEERS, NodeConfig, env_initial_peers
 from ..net.swarmkey import ENV_SWARM_KEY, swarm_key_from
 
-__all__ = ["initial_peers_option", "swarm_key_option", "verify_option", "device_option", "dtype_option", "speculate_option",
-           "draft_option", "node_config"]
+__all__ = ["initial_peers_option", "swarm_key_option", "verify_option", "device_option", "dtype_option",
+           "speculate_option", "draft_option", "node_config"]
 
 INITIAL_PEERS_HELP = (f"Multiaddrs of peers to join through (…/p2p/<peer id>); also read from ${ENV_INITIAL_PEERS}. "
                       "Without any, a server starts a new swarm.")

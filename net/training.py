@@ -24,17 +24,18 @@ import torch
 import trio
 
 from ..balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
+from ..model.errors import MeshError
 from . import wire
 from .adapters import ClientLora
 from .client import remote_backward, remote_forward
 from .chain import ChainConfig, RouteUnavailable, candidates
-from ..model.errors import MeshError
 from .node import PeerUnavailable
 from .wire import short_id
 
-__all__ = ["Pass", "Grads", "SwarmBlocks"]
+__all__ = ["Pass", "Grads", "SwarmBlocks", "CaughtLying"]
 
 log = logging.getLogger("mesh.training")
+
 
 class CaughtLying(PeerUnavailable):
     """A spot check found a hop's answer wrong: its blocks are rerouted like a failed hop's."""
@@ -168,7 +169,8 @@ class SwarmBlocks:
                                           done.position_ids, done.attention_mask, prompts=_slice(done.prompts, hop),
                                           lora=done.lora, compression=self.compression, keep=keep,
                                           timeout=self.timeout)
-                await self._spot_check(hop, g.hidden, done.attention_mask, lambda s: self._grad_input(s, hop, x, grad, done))
+                await self._spot_check(hop, g.hidden, done.attention_mask,
+                                       lambda s: self._grad_input(s, hop, x, grad, done))
                 grads.add_hop(hop, g.prompts, g.lora, per_block, shape)
                 return g.hidden
             except RETRIABLE as e:

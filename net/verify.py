@@ -47,7 +47,8 @@ from .shadows import Shadow
 from .steplog import concat_steps
 from .wire import short_id
 
-__all__ = ["DEFAULT_VERIFY", "ENV_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "verify_rate", "SpotChecker", "StepRecord",
+__all__ = ["DEFAULT_VERIFY", "ENV_VERIFY", "COMPRESSION_ERROR", "QUANT_ERROR", "check_rate", "verify_rate",
+           "SpotChecker", "StepRecord",
            "Verdict", "spot_check", "check_commitments", "tolerance", "relative_errors", "caught_path",
            "read_caught"]
 
@@ -129,6 +130,7 @@ class Verdict:
 
 Execute = Callable[[ServerInfo | None, int, int, History], Awaitable[torch.Tensor]]
 OpenShadow = Callable[[ServerInfo | None, int, int], Awaitable[Shadow]]
+Run = Callable[[ServerInfo | None], Awaitable[torch.Tensor]]  # one computation, on a holder (None: local)
 
 
 @dataclass
@@ -261,8 +263,7 @@ class SpotChecker:
             await shadow.aclose()
 
     async def judge_call(self, info: ServerInfo, start: int, end: int, claimed: torch.Tensor, mask: torch.Tensor,
-                         banned: frozenset[str], run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]]
-                         ) -> tuple[Verdict, torch.Tensor | None]:
+                         banned: frozenset[str], run: Run) -> tuple[Verdict, torch.Tensor | None]:
         """Check what `info` answered for blocks [start, end) (`claimed`, [B, T, H]) against `run` on an
         independent holder, a referee deciding a mismatch; also returns the answer judged honest."""
         verdict = Verdict(info.peer_id)
@@ -287,7 +288,8 @@ class SpotChecker:
             verdict.evidence = (f"blocks {start}:{end} differ from {by}'s at position {first} (relative error "
                                 f"{errors[first]:.3g} > {tol:.3g}); no referee")
             return verdict, reference
-        if bool((relative_errors(claimed, third, mask) > tolerance(info, referee, end - start) + self.wire_error).any()):
+        to_hop = relative_errors(claimed, third, mask)
+        if bool((to_hop > tolerance(info, referee, end - start) + self.wire_error).any()):
             verdict.first_bad, verdict.proven = first, True
             verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error {errors[first]:.3g} "
                                 f"(tolerance {tol:.3g}) against {by}; referee {_name(referee)} agrees with {by}")
@@ -298,9 +300,8 @@ class SpotChecker:
             self.convict(checker.peer_id, f"re-executed blocks {start}:{end} wrongly (referee {_name(referee)})")
         return verdict, claimed
 
-    async def _run_somewhere(self, start: int, end: int, run: Callable[[ServerInfo | None], Awaitable[torch.Tensor]],
-                             exclude: set[str], banned: frozenset[str], like: ServerInfo, local: bool = True
-                             ) -> tuple[ServerInfo | None, torch.Tensor | None]:
+    async def _run_somewhere(self, start: int, end: int, run: Run, exclude: set[str], banned: frozenset[str],
+                             like: ServerInfo, local: bool = True) -> tuple[ServerInfo | None, torch.Tensor | None]:
         """Run on the first holder of [start, end) that answers (`local`: the client's own blocks may be
         it); (None, None) when none can."""
         for holder in self._holders(start, end, exclude, banned, like, local):

@@ -1,9 +1,9 @@
 """`mesh serve` whose span lies: run as `python cheater.py AFTER FRACTION SEED <mesh args…>`.
 
-From the AFTER-th step of each inference session on, each step's output is perturbed (Gaussian noise of 30% of the output's
-size) with probability FRACTION (seeded); every training backward's input gradient is perturbed the same
-way. Forward passes (what checkers run) stay honest. The product has no such option: the test replaces the
-span's functions in this process only.
+From the AFTER-th step of each inference session on, each step's output is perturbed (Gaussian noise
+of 30% of the output's size) with probability FRACTION (seeded); every training backward's input
+gradient is perturbed the same way. Forward passes (what referees run) stay honest. The product has no
+such option: the test replaces the span's functions in this process only.
 """
 
 import random
