@@ -86,6 +86,7 @@ class InferenceSession:
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._shapes: dict[int, tuple[int, ...]] = {}  # step id -> the shape its result must have
         self._check: Check | None = None  # the spot check running beside the steps, if any
+        self._check_due = False  # one came due while another ran
 
     @property
     def route(self) -> list[Hop]:
@@ -113,7 +114,8 @@ class InferenceSession:
         if checker is not None:  # positions fed again (rejected drafts) are checked again
             checker.verified_to, checker.floor = min(checker.verified_to, position), min(checker.floor, position)
             # a check that ran meanwhile and found a liar rewinds; one running for CHECK_LAG steps is waited
-            # for, so a lie is acted on within max_gap + CHECK_LAG + 1 steps
+            # for, so a lie is acted on within max_gap + CHECK_LAG + 1 steps (the check due by then starts
+            # when the one running at the lie has ended, at most CHECK_LAG + 1 steps later)
             check = self._check
             if check is not None:
                 check.steps += 1
@@ -131,9 +133,11 @@ class InferenceSession:
                 failure = e
         else:
             raise RouteUnavailable(f"gave up after {MAX_RECOVERIES} failed recoveries: {failure}") from failure
-        if checker is not None and self._check is None and checker.due():
-            self._check = Check(position + hidden.shape[1])  # runs beside the next steps
-            self.nursery.start_soon(self._run_check, self._check)
+        if checker is not None:  # a check due while another runs starts when that one ends
+            self._check_due = checker.due() or self._check_due
+            if self._check_due and self._check is None:
+                self._check, self._check_due = Check(position + hidden.shape[1]), False  # beside the next steps
+                self.nursery.start_soon(self._run_check, self._check)
         return out
 
     async def spot_check(self, end: int) -> None:
