@@ -152,6 +152,7 @@ class SpotChecker:
     unchecked: int = 0  # steps since the last check
     verified_to: int = 0  # positions [0, verified_to) of the current chain were checked
     floor: int = 0  # the lowest position fed again while a check ran (it is not checked by that one)
+    incomplete: bool = False  # a shadow failed during the current check
     caught: dict[str, str] = field(default_factory=dict)  # peer id -> evidence
     shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
 
@@ -207,6 +208,7 @@ class SpotChecker:
         except (MeshError, trio.TooSlowError) as e:
             log.info("checker %s failed: %s", _name(shadow.holder), e)
             await self._drop(start, end)
+            self.incomplete = True  # these positions are compared at the next check, on another shadow
             return verdict
         self.checks += total - since
         window = slice(since, total)
@@ -327,7 +329,7 @@ async def spot_check(session, end: int) -> dict[str, Verdict]:
     The session may go on stepping meanwhile: this works on what the hops and inputs were at the start,
     and a step that rolls back below `end` lowers `checker.floor`, so what it fed again is checked again."""
     checker: SpotChecker = session.cfg.checker
-    checker.floor = end
+    checker.floor, checker.incomplete = end, False
     hops, records = list(session.hops), list(session.records)
     histories: list[History | None] = [None] * len(hops)
     batch = session.cfg.batch_size
@@ -368,7 +370,7 @@ async def spot_check(session, end: int) -> dict[str, Verdict]:
     async with trio.open_nursery() as nursery:
         for i in range(len(hops)):
             nursery.start_soon(judge, i)
-    if all(h is not None for h in histories):  # else the hops without one are checked from here next time
+    if all(h is not None for h in histories) and not checker.incomplete:  # else all again from `since`
         checker.verified_to = min([end, checker.floor] + [v.first_bad for v in verdicts.values()])
     return {hops[i].hop.peer_id: v for i, v in verdicts.items()}
 
