@@ -200,7 +200,7 @@ class SwarmBlocks:
         if checker is None or not checker.due():
             return
         mask = mask if mask is not None else torch.ones(claimed.shape[:2], dtype=torch.long)
-        verdict, _ = await checker.judge_call(self._info(hop.peer_id), hop.start, hop.end, claimed, mask,
+        verdict = await checker.judge_call(self._info(hop.peer_id), hop.start, hop.end, claimed, mask,
                                               self.bans.banned(), run)
         if verdict.first_bad is None:
             return

@@ -216,31 +216,10 @@ class SpotChecker:
         errors = relative_errors(claimed[:, window], reference[:, since - a:], mask)
         checker = shadow.holder
         tol = tolerance(info, checker, end - start) + self.wire_error
-        bad = (errors > tol).nonzero()
-        if not len(bad):
+        if not bool((errors > tol).any()):
             return verdict
-        first = since + int(bad[0])
-        exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
-        referee, third = await self._run_somewhere(start, end, lambda h: self.execute(h, start, end, inputs),
-                                                   exclude, banned, info, local=checker is not None)
-        by = _name(checker)
-        if third is None:
-            verdict.first_bad = first
-            verdict.evidence = (f"blocks {start}:{end} differ from {by}'s at position {first} (relative error "
-                                f"{errors[first - since]:.3g} > {tol:.3g}); no referee")
-            return verdict
-        to_hop = relative_errors(claimed[:, window], third[:, window], mask)
-        if bool((to_hop > tolerance(info, referee, end - start) + self.wire_error).any()):
-            verdict.first_bad, verdict.proven = first, True
-            verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error "
-                                f"{errors[first - since]:.3g} (tolerance {tol:.3g}) against {by}; referee "
-                                f"{_name(referee)} agrees with {by}")
-        elif checker is not None:  # the referee sides with the hop: the checker lied
-            log.warning("checker %s disagreed with %s on blocks %d:%d, referee %s sided with the hop",
-                        short_id(checker.peer_id), short_id(info.peer_id), start, end, _name(referee))
-            self.convict(checker.peer_id, f"re-executed blocks {start}:{end} wrongly (referee {_name(referee)})")
-            await self._drop(start, end)
-        return verdict
+        return await self._settle(info, start, end, claimed[:, window], mask, checker, errors, tol, since,
+                                  lambda h: self.execute(h, start, end, inputs), banned)
 
     async def _shadow(self, start: int, end: int, exclude: set[str], banned: frozenset[str],
                       like: ServerInfo) -> Shadow | None:
@@ -265,22 +244,29 @@ class SpotChecker:
             await shadow.aclose()
 
     async def judge_call(self, info: ServerInfo, start: int, end: int, claimed: torch.Tensor, mask: torch.Tensor,
-                         banned: frozenset[str], run: Run) -> tuple[Verdict, torch.Tensor | None]:
+                         banned: frozenset[str], run: Run) -> Verdict:
         """Check what `info` answered for blocks [start, end) (`claimed`, [B, T, H]) against `run` on an
-        independent holder, a referee deciding a mismatch; also returns the answer judged honest."""
-        verdict = Verdict(info.peer_id)
+        independent holder, a referee deciding a mismatch."""
         checker, reference = await self._run_somewhere(start, end, run, {info.peer_id}, banned, info)
         if reference is None:
             log.info("cannot check blocks %d:%d of %s: no independent server holds them", start, end,
                      short_id(info.peer_id))
-            return verdict, claimed
+            return Verdict(info.peer_id)
         self.checks += 1
         errors = relative_errors(claimed, reference, mask)
         tol = tolerance(info, checker, end - start) + self.wire_error
-        bad = (errors > tol).nonzero()
-        if not len(bad):
-            return verdict, claimed
-        first = int(bad[0])
+        if not bool((errors > tol).any()):
+            return Verdict(info.peer_id)
+        return await self._settle(info, start, end, claimed, mask, checker, errors, tol, 0, run, banned)
+
+    async def _settle(self, info: ServerInfo, start: int, end: int, claimed: torch.Tensor, mask: torch.Tensor,
+                      checker: ServerInfo | None, errors: torch.Tensor, tol: float, offset: int, run: Run,
+                      banned: frozenset[str]) -> Verdict:
+        """`claimed` (positions offset, offset + 1, … of the hop's output) differs from `checker`'s by
+        `errors` > `tol` somewhere: a referee re-runs `run` (every position from 0) and decides who lied."""
+        verdict = Verdict(info.peer_id)
+        i = int((errors > tol).nonzero()[0])
+        first = offset + i
         exclude = {info.peer_id} | ({checker.peer_id} if checker is not None else set())
         referee, third = await self._run_somewhere(start, end, run, exclude, banned, info,
                                                    local=checker is not None)
@@ -288,19 +274,21 @@ class SpotChecker:
         if third is None:
             verdict.first_bad = first
             verdict.evidence = (f"blocks {start}:{end} differ from {by}'s at position {first} (relative error "
-                                f"{errors[first]:.3g} > {tol:.3g}); no referee")
-            return verdict, reference
-        to_hop = relative_errors(claimed, third, mask)
+                                f"{errors[i]:.3g} > {tol:.3g}); no referee")
+            return verdict
+        to_hop = relative_errors(claimed, third[:, offset:], mask)
         if bool((to_hop > tolerance(info, referee, end - start) + self.wire_error).any()):
             verdict.first_bad, verdict.proven = first, True
-            verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error {errors[first]:.3g} "
+            verdict.evidence = (f"blocks {start}:{end} at position {first}: relative error {errors[i]:.3g} "
                                 f"(tolerance {tol:.3g}) against {by}; referee {_name(referee)} agrees with {by}")
-            return verdict, third
-        if checker is not None:  # the referee sides with the hop: the checker lied
+        elif checker is not None:  # the referee sides with the hop: the checker lied
             log.warning("checker %s disagreed with %s on blocks %d:%d, referee %s sided with the hop",
                         short_id(checker.peer_id), short_id(info.peer_id), start, end, _name(referee))
             self.convict(checker.peer_id, f"re-executed blocks {start}:{end} wrongly (referee {_name(referee)})")
-        return verdict, claimed
+            shadow = self.shadows.get((start, end))
+            if shadow is not None and shadow.holder is checker:
+                await self._drop(start, end)
+        return verdict
 
     async def _run_somewhere(self, start: int, end: int, run: Run, exclude: set[str], banned: frozenset[str],
                              like: ServerInfo, local: bool = True) -> tuple[ServerInfo | None, torch.Tensor | None]:
