@@ -346,6 +346,21 @@ async def _listening(host, config: NodeConfig) -> AsyncIterator[None]:
         yield
 
 
+def _guard_gossip_streams(host, pubsub: Pubsub) -> None:
+    """py-libp2p's gossip handler lets a malformed RPC (a protobuf DecodeError) escape, which stops the
+    whole swarm service: one peer's bad bytes would cut this node off. Such a stream is reset instead."""
+    async def guarded(stream) -> None:
+        try:
+            await pubsub.stream_handler(stream)
+        except Exception as e:
+            log.info("gossip stream from %s dropped: %s", short_id(stream.muxed_conn.peer_id.to_base58()),
+                     _one_line(e))
+            await wire.reset_quietly(stream)
+
+    for protocol in (PROTOCOL_ID_V11, PROTOCOL_ID):
+        host.set_stream_handler(protocol, guarded)
+
+
 @asynccontextmanager
 async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
     key_pair = identity.key_pair
@@ -356,6 +371,7 @@ async def _open_host(config: NodeConfig, identity: Identity) -> AsyncIterator[No
                        heartbeat_interval=config.gossip_heartbeat, heartbeat_initial_delay=0.1,
                        spam_protection_enabled=False, eclipse_protection_enabled=False)
     pubsub = Pubsub(host, gossip)
+    _guard_gossip_streams(host, pubsub)
     dht = KadDHT(host, DHTMode.SERVER if config.dht_mode == "server" else DHTMode.CLIENT)
     join_error: MeshError | None = None
     async with trio.open_nursery() as nursery:
