@@ -57,16 +57,33 @@ async def test_swarms_with_different_keys_never_see_each_other(tiny30, tmp_path)
                 await swarm.wait_for(lambda t: bool(t.servers("tiny30")), 3)
                 return {i.public_name for i in swarm.table.servers("tiny30")}
 
-        # given both swarms' addresses, a member of each reaches its own server only and learns of no other
-        assert await seen(hexes[0], [a, b]) == {"a"}
-        assert await seen(hexes[1], [a, b]) == {"b"}
-        for key in (None, hexes[1]):  # no key, or another swarm's: no connection at all
-            with pytest.raises(MeshError, match="initial peers answered") as refused:
-                await seen(key, [a])
-            assert "--swarm-key" in refused.value.hint
-        # `mesh status` with the right key lists its own swarm only
-        result = await run_mesh("status", "--swarm-key", str(keys[0]), "--initial-peers", a, "--json",
-                                "--timeout", "3")
+        # given both swarms' addresses, a member of each reaches its own server only and learns of no other;
+        # with no key, or another swarm's, no connection at all; `mesh status` with the right key lists its
+        # own swarm only (all at once: each waits on the network, not on the CPU)
+        outcomes: dict[str, object] = {}
+
+        async def attempt(name: str, key: str | None, peers: list[str]) -> None:
+            try:
+                outcomes[name] = await seen(key, peers)
+            except MeshError as e:
+                outcomes[name] = e
+
+        async def status() -> None:
+            outcomes["status"] = await run_mesh("status", "--swarm-key", str(keys[0]), "--initial-peers", a,
+                                                "--json", "--timeout", "3")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "a", hexes[0], [a, b])
+            nursery.start_soon(attempt, "b", hexes[1], [a, b])
+            nursery.start_soon(attempt, "none", None, [a])
+            nursery.start_soon(attempt, "other", hexes[1], [a])
+            nursery.start_soon(status)
+        assert outcomes["a"] == {"a"} and outcomes["b"] == {"b"}, outcomes
+        for name in ("none", "other"):
+            refused = outcomes[name]
+            assert isinstance(refused, MeshError) and "initial peers answered" in str(refused), refused
+            assert "--swarm-key" in refused.hint
+        result = outcomes["status"]
         assert result.returncode == 0, result.stderr.decode()
         (model,) = json.loads(result.stdout)["models"]
         assert [s["public_name"] for s in model["servers"]] == ["a"]

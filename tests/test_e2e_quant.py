@@ -23,7 +23,8 @@ def local_blocks(smollm2):
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_quantized_swarm_answers_a_factual_question(smollm2, quant, tmp_path, local_blocks):
     """The answer is right; and every step is spot-checked against the client's own float32 blocks (its
-    local shadow): 78 positions × 3 hops of quantized servers compared, none accused."""
+    local shadow): 78 positions (a 48-token prompt and 30 decode steps) × 3 hops of quantized servers
+    compared, none accused."""
     with LocalSwarm("smollm2", 30, servers=3, extra=["--quant", quant], log_dir=tmp_path) as swarm:
         with DistributedModelForCausalLM.from_pretrained("smollm2", swarm.initial_peers, verify=1.0) as model:
             infos = model.client.swarm.table.servers(model.source.model_id)
@@ -35,11 +36,11 @@ def test_quantized_swarm_answers_a_factual_question(smollm2, quant, tmp_path, lo
             assert "Paris" in answer, answer
 
             model.local_blocks = local_blocks
-            ids = torch.randint(100, 20000, (1, 8), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(100, 20000, (1, 48), generator=torch.Generator().manual_seed(0))
             rewinds = []
             with model.inference_session(max_length=96) as session:
                 session.generator.on_rewind = rewinds.append
-                model.generate(ids, max_new_tokens=70, session=session, eos_token_id=[])
+                model.generate(ids, max_new_tokens=30, session=session, eos_token_id=[])
                 checker = session.remote.cfg.checker
                 assert [s.holder for s in checker.shadows.values()] == [None] * 3  # the client's own blocks
             assert checker.checks >= 200 and not rewinds and not model.bans.convicted, checker.checks
