@@ -27,6 +27,7 @@ from ..balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
 from ..model.errors import MeshError
 from . import wire
 from .adapters import ClientLora
+from .announce import ServerInfo
 from .client import remote_backward, remote_forward
 from .chain import ChainConfig, RouteUnavailable, candidates
 from .node import PeerUnavailable
@@ -103,9 +104,11 @@ class SwarmBlocks:
         self.run = secrets.token_hex(6)
         self._keep_ids = itertools.count()
         self.retries = 0
+        self._last_known: dict[str, ServerInfo] = {}  # each server's entry when it was last seen
 
     async def _route(self, start: int, end: int) -> list[Hop]:
         servers = self.table.servers(self.model_id)
+        self._last_known.update((s.peer_id, s) for s in servers)
         try:
             if self.spread:
                 return spread_chain(candidates(servers, throughput=True), start, end, self.rng,
@@ -115,10 +118,13 @@ class SwarmBlocks:
         except NoRoute as e:
             raise RouteUnavailable(f"no server holds block {e.block} of {self.model_id}") from e
 
-    def _info(self, peer_id: str):
-        info = self.table.get(peer_id)
+    def _info(self, peer_id: str) -> ServerInfo:
+        """The server's entry; one that lapsed (a late announcement on a busy network) is its last known
+        entry: a server still up keeps the pass, and one really gone fails to connect, which reroutes."""
+        info = self.table.get(peer_id) or self._last_known.get(peer_id)
         if info is None:
-            raise PeerUnavailable(f"server {short_id(peer_id)} left the swarm")
+            raise PeerUnavailable(f"server {short_id(peer_id)} is not in the swarm")
+        self._last_known[peer_id] = info
         return info
 
     async def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
