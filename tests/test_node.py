@@ -130,6 +130,25 @@ def test_table_expiry_and_offline():
     assert table.get("c").end == 8
 
 
+async def test_a_training_hop_whose_entry_lapsed_is_called_at_its_last_known_entry():
+    """A late announcement must not cost a training pass its hop (and the hop its kept activations): the
+    hop is called at the entry last seen, and a server really gone fails to connect instead."""
+    from mesh.net.chain import ChainConfig
+    from mesh.net.node import PeerUnavailable
+    from mesh.net.training import SwarmBlocks
+
+    now = [50.0]
+    table = SwarmTable(clock=lambda: now[0])
+    table.update(ServerInfo("a", "m", 0, 4, ServerState.ONLINE, inference_rps=100.0, forward_rps=100.0,
+                            timestamp=1000.0, ttl=5))
+    blocks = SwarmBlocks(ChainConfig(None, table, None, "m", 4), spread=True)
+    (hop,) = await blocks._route(0, 4)
+    now[0] = 60.0  # the entry lapses after the route was chosen
+    assert table.get("a") is None and blocks._info(hop.peer_id).peer_id == "a"
+    with pytest.raises(PeerUnavailable, match="not in the swarm"):
+        blocks._info("b")
+
+
 def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
     """A server whose wall clock is a minute behind (or ahead) is live for its ttl after we hear it;
     an entry learned from a snapshot keeps only what its sender says is left of its life."""
