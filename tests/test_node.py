@@ -149,6 +149,28 @@ async def test_a_training_hop_whose_entry_lapsed_is_called_at_its_last_known_ent
         blocks._info("b")
 
 
+async def test_a_training_route_waits_for_missing_blocks():
+    """Like an inference chain, a training pass waits up to `route_wait` for a server of missing blocks
+    (one joining, or late to announce), then fails with the blocks' name."""
+    from mesh.net.chain import ChainConfig, RouteUnavailable
+    from mesh.net.training import SwarmBlocks
+
+    table = SwarmTable()
+    blocks = SwarmBlocks(ChainConfig(None, table, None, "m", 4, route_wait=5.0), spread=True)
+
+    async def join_late() -> None:
+        await trio.sleep(0.3)
+        table.update(ServerInfo("a", "m", 0, 4, ServerState.ONLINE, inference_rps=100.0, forward_rps=100.0,
+                                timestamp=time.time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(join_late)
+        with trio.fail_after(3):
+            assert [h.peer_id for h in await blocks._route(0, 4)] == ["a"]
+    with trio.fail_after(3), pytest.raises(RouteUnavailable, match="no server holds block 0 of m2"):
+        await SwarmBlocks(ChainConfig(None, table, None, "m2", 4, route_wait=0.6), spread=True)._route(0, 4)
+
+
 def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
     """A server whose wall clock is a minute behind (or ahead) is live for its ttl after we hear it;
     an entry learned from a snapshot keeps only what its sender says is left of its life."""
