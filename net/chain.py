@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -32,7 +32,7 @@ from .verify import SpotChecker
 from .wire import short_id
 
 __all__ = ["ChainConfig", "HopLink", "ChainOpener", "BanList", "Measured", "RouteUnavailable", "OpenFailed", "candidates",
-           "accept_any", "REPLAY_CHUNK"]
+           "accept_any", "wait_for_route", "REPLAY_CHUNK"]
 
 log = logging.getLogger("mesh.inference")
 
@@ -138,6 +138,26 @@ class ChainConfig:
     checker: SpotChecker | None = None  # spot checks of inference steps (net/verify.py)
 
 
+async def wait_for_route(attempt: Callable[[], Awaitable[list[Hop]]], cfg: ChainConfig,
+                         missing: Callable[[NoRoute], str]) -> list[Hop]:
+    """`attempt()` until it finds a chain, for up to `cfg.route_wait` s: a server of the missing blocks may
+    be joining, or its announcement late on a busy network. `missing` names them for the messages."""
+    deadline = trio.current_time() + cfg.route_wait
+    warned = False
+    while True:
+        try:
+            return await attempt()
+        except NoRoute as e:
+            what = missing(e)
+            if trio.current_time() >= deadline:
+                raise RouteUnavailable(f"no server holds {what} of {cfg.model_id} (waited {cfg.route_wait:.0f} s)",
+                                       hint="start one with `mesh serve`, or wait for the swarm to recover") from None
+            if not warned:
+                log.warning("waiting up to %.0f s for a server holding %s", cfg.route_wait, what)
+                warned = True
+            await trio.sleep(0.5)
+
+
 OnResult = Callable[["HopLink", StepResult], None]
 OnError = Callable[["HopLink", MeshError, "str | None", "int | None"], None]  # error, failed peer, step id
 
@@ -231,24 +251,14 @@ class ChainOpener:
     async def plan(self, start: int, end: int, banned: frozenset[str]) -> list[Hop]:
         """A chain for blocks [start, end), waiting up to `route_wait` for servers to appear."""
         cfg = self.cfg
-        deadline = trio.current_time() + cfg.route_wait
-        warned = False
-        while True:
+
+        async def attempt() -> list[Hop]:
             servers = [s for s in cfg.table.servers(cfg.model_id) if s.peer_id not in banned and cfg.accept(s)]
             await cfg.rtt.measure([s.peer_id for s in servers], only_missing=True)
-            try:
-                return min_latency_chain(candidates(servers, measured=cfg.measured), start, end, cfg.rtt.rtt,
-                                         banned=banned)
-            except NoRoute:
-                missing = self._missing(start, end, banned)
-                if trio.current_time() >= deadline:
-                    raise RouteUnavailable(
-                        f"no server holds blocks {missing} of {cfg.model_id} (waited {cfg.route_wait:.0f} s)",
-                        hint="start one with `mesh serve`, or wait for the swarm to recover") from None
-                if not warned:
-                    log.warning("waiting up to %.0f s for a server holding blocks %s", cfg.route_wait, missing)
-                    warned = True
-                await trio.sleep(0.5)
+            return min_latency_chain(candidates(servers, measured=cfg.measured), start, end, cfg.rtt.rtt,
+                                     banned=banned)
+
+        return await wait_for_route(attempt, cfg, lambda _: f"blocks {self._missing(start, end, banned)}")
 
     def _missing(self, start: int, end: int, banned: frozenset[str]) -> str:
         cfg = self.cfg

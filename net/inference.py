@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
@@ -146,7 +146,7 @@ class InferenceSession:
         await self._take_check(wait=True)
         await self._act_on(await spot_check(self, end))
 
-    async def _run_check(self, check: "Check") -> None:
+    async def _run_check(self, check: Check) -> None:
         try:
             check.liars = await spot_check(self, check.end)
         except (MeshError, trio.TooSlowError) as e:  # a check that fails says nothing about anyone

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from ..balancing.routing import Hop, NoRoute, min_latency_chain, spread_chain
+from ..balancing.routing import Hop, min_latency_chain, spread_chain
 from ..model.errors import MeshError
 from . import wire
 from .adapters import ClientLora
 from .announce import ServerInfo
 from .client import remote_backward, remote_forward
-from .chain import ChainConfig, RouteUnavailable, candidates
+from .chain import ChainConfig, RouteUnavailable, candidates, wait_for_route
 from .node import PeerUnavailable
 from .wire import short_id
 
@@ -107,27 +107,18 @@ class SwarmBlocks:
         self._last_known: dict[str, ServerInfo] = {}  # each server's entry when it was last seen
 
     async def _route(self, start: int, end: int) -> list[Hop]:
-        """A chain for blocks [start, end), waiting up to `route_wait` for missing blocks (as inference
-        does: a server may be joining, or its announcement late on a busy network)."""
-        deadline = trio.current_time() + self.cfg.route_wait
-        warned = False
-        while True:
+        """A chain for blocks [start, end), waiting up to `route_wait` for missing blocks, as inference does."""
+
+        async def attempt() -> list[Hop]:
             servers = self.table.servers(self.model_id)
             self._last_known.update((s.peer_id, s) for s in servers)
-            try:
-                if self.spread:
-                    return spread_chain(candidates(servers, throughput=True), start, end, self.rng,
-                                        banned=self.bans.banned())
-                await self.rtt.measure([s.peer_id for s in servers], only_missing=True)
-                return min_latency_chain(candidates(servers), start, end, self.rtt.rtt, banned=self.bans.banned())
-            except NoRoute as e:
-                if trio.current_time() >= deadline:
-                    raise RouteUnavailable(f"no server holds block {e.block} of {self.model_id} "
-                                           f"(waited {self.cfg.route_wait:.0f} s)") from e
-                if not warned:
-                    log.warning("waiting up to %.0f s for a server holding block %d", self.cfg.route_wait, e.block)
-                    warned = True
-                await trio.sleep(0.5)
+            if self.spread:
+                return spread_chain(candidates(servers, throughput=True), start, end, self.rng,
+                                    banned=self.bans.banned())
+            await self.rtt.measure([s.peer_id for s in servers], only_missing=True)
+            return min_latency_chain(candidates(servers), start, end, self.rtt.rtt, banned=self.bans.banned())
+
+        return await wait_for_route(attempt, self.cfg, lambda e: f"block {e.block}")
 
     def _info(self, peer_id: str) -> ServerInfo:
         """The server's entry; one that lapsed (a late announcement on a busy network) is its last known
