@@ -10,74 +10,69 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .errors import UnsupportedArchitecture
+from .families import FamilySpec, HeadLayout, spec_for, supported_types
 
-__all__ = ["Family", "family_of", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
+__all__ = ["Family", "family_of", "layer_type", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
            "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
 
 TESTED_TRANSFORMERS = (">=5.20", "<5.40")
 
-# model_type -> family. Llama-like models share one path: RoPE computed outside the layer.
-LLAMA_LIKE = {"llama", "mistral", "qwen2"}
-ALIBI = {"bloom"}
-
-
 @dataclass(frozen=True)
 class Family:
-    """How to build and call the decoder layers of one architecture."""
+    """A registry entry resolved to transformers' classes: how to build and call one family's layers."""
 
-    name: str  # "llama" or "bloom"
-    model_type: str
+    spec: FamilySpec
     layer_class: type[nn.Module]
-    layer_prefixes: tuple[str, ...]  # checkpoint name prefixes of block i, formatted with {i}
-    head_prefixes: tuple[str, ...]  # checkpoint prefixes of the base model (embeddings, final norm)
     rotary_class: type[nn.Module] | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def model_type(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def layer_prefixes(self) -> tuple[str, ...]:
+        return self.spec.layer_prefixes
+
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        return self.spec.head_prefixes
+
+    @property
+    def head(self) -> HeadLayout:
+        return self.spec.head
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return self.spec.lora_targets
+
+    def block_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's checkpoint tensors (names relative to the block) as its layer class names them."""
+        return self.spec.convert_block(state) if self.spec.convert_block is not None else state
 
 
 def family_of(config: PretrainedConfig) -> Family:
     """Return the layer family for a config, or raise UnsupportedArchitecture."""
     model_type = getattr(config, "model_type", None)
-    if model_type in LLAMA_LIKE:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        prefix = _class_prefix(module, "DecoderLayer")
-        return Family(
-            name="llama",
-            model_type=model_type,
-            layer_class=getattr(module, f"{prefix}DecoderLayer"),
-            layer_prefixes=("model.layers.{i}.", "layers.{i}."),
-            head_prefixes=("model.", ""),
-            rotary_class=getattr(module, f"{prefix}RotaryEmbedding"),
-        )
-    if model_type in ALIBI:
-        module = importlib.import_module("transformers.models.bloom.modeling_bloom")
-        return Family(
-            name="bloom",
-            model_type=model_type,
-            layer_class=module.BloomBlock,
-            layer_prefixes=("transformer.h.{i}.", "h.{i}."),
-            head_prefixes=("transformer.", ""),
-            rotary_class=None,
-        )
-    supported = ", ".join(sorted(LLAMA_LIKE | ALIBI))
-    raise UnsupportedArchitecture(
-        f"model type {model_type!r} is not supported", hint=f"supported: {supported}"
-    )
-
-
-def _class_prefix(module: Any, suffix: str) -> str:
-    for name in dir(module):
-        if name.endswith(suffix) and not name.startswith("_"):
-            return name[: -len(suffix)]
-    raise UnsupportedArchitecture(f"{module.__name__} has no *{suffix} class")
+    spec = spec_for(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(f"model type {model_type!r} is not supported",
+                                      hint=f"supported: {', '.join(supported_types())}")
+    module = importlib.import_module(spec.module)
+    rotary = getattr(module, spec.rotary_class) if spec.rotary_class is not None else None
+    return Family(spec, getattr(module, spec.layer_class), rotary)
 
 
 def build_layer(family: Family, config: PretrainedConfig, layer_idx: int) -> nn.Module:
@@ -109,12 +104,26 @@ def lm_logits_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: Dynam
     return model(input_ids=input_ids, use_cache=True, **{key: cache}).logits
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+
+
+def layer_type(config: PretrainedConfig, layer_idx: int) -> str:
+    """Whether block `layer_idx` attends to everything before it or to a sliding window, as the family's
+    own model decides: by `config.layer_types` when the config lists them, else by `sliding_window`."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[layer_idx]
+    return SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+
+
 class LayerRunner:
     """Runs a list of layers of one family over hidden states, with an optional KV cache.
 
     `attention_mask` is the full 2-D mask over (cached + new) tokens, 1 = attend, or None for all ones.
-    The mask is built once per call, before any layer updates the cache, and with the span's first layer
-    index so a span cache that does not start at layer 0 reads its own length.
+    The masks are built once per call, before any layer updates the cache, and with the span's first layer
+    index so a span cache that does not start at layer 0 reads its own length. Each layer then gets the
+    mask of its kind (full or sliding window) and the position tables of its kind.
     """
 
     def __init__(self, family: Family, config: PretrainedConfig, first_layer: int) -> None:
@@ -122,6 +131,8 @@ class LayerRunner:
         self.config = config
         self.first_layer = first_layer
         self.rotary = family.rotary_class(config) if family.rotary_class is not None else None
+        count = getattr(config, "num_hidden_layers", 0) or 0
+        self.types = sorted({layer_type(config, i) for i in range(count)} or {FULL})
 
     def prepare(
         self,
@@ -130,25 +141,34 @@ class LayerRunner:
         cache: DynamicCache | None,
         attention_mask: torch.Tensor | None,
     ) -> dict[str, Any]:
-        """Per-call arguments shared by every layer of the span."""
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=self.first_layer,
-        )
-        if self.family.name == "llama":
-            self.rotary.to(hidden.device)
-            return {"mask": mask, "position_embeddings": self.rotary(hidden, position_ids)}
-        past = kv_length(cache, self.first_layer) if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long,
-                                        device=hidden.device)
-        bloom = sys.modules[self.family.layer_class.__module__]
-        alibi = bloom.build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
-        return {"mask": mask, "alibi": alibi}
+        """Per-call arguments shared by every layer of the span: masks and positions by layer kind."""
+        masks = {
+            kind: MASKS[kind](
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+                layer_idx=self.first_layer,
+            )
+            for kind in self.types
+        }
+        positions = self.family.spec.positions
+        if positions == "alibi":
+            past = kv_length(cache, self.first_layer) if cache is not None else 0
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long,
+                                            device=hidden.device)
+            module = importlib.import_module(self.family.spec.module)
+            alibi = module.build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
+            return {"masks": masks, "extra": {"alibi": alibi}}
+        self.rotary.to(hidden.device)
+        if positions == "rotary_by_layer_type":
+            tables = {kind: self.rotary(hidden, position_ids, kind) for kind in self.types}
+        else:
+            table = self.rotary(hidden, position_ids)
+            tables = {kind: table for kind in self.types}
+        return {"masks": masks, "tables": tables, "position_ids": position_ids}
 
     def call(
         self,
@@ -157,24 +177,20 @@ class LayerRunner:
         position_ids: torch.Tensor,
         cache: DynamicCache | None,
         prepared: dict[str, Any],
+        layer_idx: int | None = None,
     ) -> torch.Tensor:
-        if self.family.name == "llama":
-            out = layer(
-                hidden,
-                attention_mask=prepared["mask"],
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-                position_embeddings=prepared["position_embeddings"],
-            )
-        else:
-            out = layer(
-                hidden,
-                alibi=prepared["alibi"],
-                attention_mask=prepared["mask"],
-                layer_past=cache,
-                use_cache=cache is not None,
-            )
+        """One layer over `hidden`; `layer_idx` is its global index (the span's first when omitted)."""
+        kind = layer_type(self.config, self.first_layer if layer_idx is None else layer_idx)
+        kwargs: dict[str, Any] = {
+            "attention_mask": prepared["masks"][kind],
+            self.family.spec.cache_keyword: cache,
+            "use_cache": cache is not None,
+        }
+        if "tables" in prepared:
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = prepared["tables"][kind]
+        kwargs.update(prepared.get("extra", {}))
+        out = layer(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -186,5 +202,6 @@ def load_config(path: str) -> PretrainedConfig:
 def ensure_attention(config: PretrainedConfig) -> PretrainedConfig:
     """Standalone layers read the attention kernel from the config; pick the one models default to."""
     if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "eager" if config.model_type == "bloom" else "sdpa"
+        spec = spec_for(getattr(config, "model_type", None))
+        config._attn_implementation = spec.attention if spec is not None else "sdpa"
     return config

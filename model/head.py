@@ -10,6 +10,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from . import compat
@@ -38,7 +39,7 @@ class ClientHead(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        return self.model.model if self.family.name == "llama" else self.model.transformer
+        return getattr(self.model, self.family.head.base)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,23 +50,33 @@ class ClientHead(nn.Module):
         return self.model.lm_head.weight.device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device)
-        if self.family.name == "llama":
-            return self.base.embed_tokens(ids).to(HOST)
-        return self.base.word_embeddings_layernorm(self.base.word_embeddings(ids)).to(HOST)
+        layout = self.family.head
+        table = self.embedding_layer()
+        x = F.embedding(input_ids.to(self.device), table.weight, table.padding_idx)
+        if layout.scale_embeddings:  # in float32, then rounded to the weights' dtype, as the model does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
+        if layout.embed_norm is not None:
+            x = getattr(self.base, layout.embed_norm)(x)
+        return x.to(HOST)
 
     def parts(self) -> list[nn.Module]:
         """The modules the head runs (the rest of its model class, rotary tables and all, stays unused)."""
-        llama = self.family.name == "llama"
-        extra = [] if llama else [self.base.word_embeddings_layernorm]
-        return [self.embedding_layer(), *extra, self.base.norm if llama else self.base.ln_f, self.model.lm_head]
+        layout = self.family.head
+        extra = [getattr(self.base, layout.embed_norm)] if layout.embed_norm is not None else []
+        return [self.embedding_layer(), *extra, self.final_norm(), self.model.lm_head]
 
     def embedding_layer(self) -> nn.Embedding:
-        return self.base.embed_tokens if self.family.name == "llama" else self.base.word_embeddings
+        return getattr(self.base, self.family.head.embed)
+
+    def final_norm(self) -> nn.Module:
+        return getattr(self.base, self.family.head.final_norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = self.base.norm if self.family.name == "llama" else self.base.ln_f
-        return self.model.lm_head(norm(hidden.to(self.device, self.dtype))).to(HOST)
+        logits = self.model.lm_head(self.final_norm()(hidden.to(self.device, self.dtype)))
+        cap = getattr(self.config, "final_logit_softcapping", None) if self.family.head.softcap_logits else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.to(HOST)
 
 
 def token_positions(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -122,6 +133,10 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32,
     model.to(dtype)
     head = ClientHead(model)
     for part in head.parts():  # only these: unused buffers of the model class are still on the meta device
+        for module in part.modules():  # buffers the head never reads (a scale it applies itself) stay unset
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf.is_meta:
+                    module.register_buffer(name, None, persistent=False)
         part.to(device)
     return head
 

@@ -171,7 +171,7 @@ class Span(nn.Module):
                 if prompts is not None:
                     p = prompts[i].to(self.device, hidden.dtype)
                     hidden = torch.cat([hidden[:, : p.shape[1]] + p, hidden[:, p.shape[1]:]], dim=1)
-                hidden = self.runner.call(layer, hidden, position_ids, kv, prepared)
+                hidden = self.runner.call(layer, hidden, position_ids, kv, prepared, self.start + i)
         if cache is not None:
             cache.mask = full_mask
         return hidden
@@ -231,7 +231,7 @@ def load_span(folder, config: PretrainedConfig, start: int, end: int, dtype: tor
     for i in range(start, end):
         with torch.device("meta"):
             layer = compat.build_layer(family, config, i)
-        state = read_block(ckpt, family.layer_prefixes, i, dtype)
+        state = family.block_state(read_block(ckpt, family.layer_prefixes, i, dtype))
         layer.load_state_dict(state, strict=True, assign=True)
         layer = layer.to(dtype)
         layers.append((hook(layer, i) if hook is not None else layer).to(device))
