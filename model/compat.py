@@ -26,6 +26,7 @@ __all__ = ["Family", "family_of", "layer_type", "build_layer", "new_kv_cache", "
 
 TESTED_TRANSFORMERS = (">=5.20", "<5.40")
 
+
 @dataclass(frozen=True)
 class Family:
     """A registry entry resolved to transformers' classes: how to build and call one family's layers."""
@@ -70,6 +71,9 @@ def family_of(config: PretrainedConfig) -> Family:
     if spec is None:
         raise UnsupportedArchitecture(f"model type {model_type!r} is not supported",
                                       hint=f"supported: {', '.join(supported_types())}")
+    reason = spec.refuse(config) if spec.refuse is not None else None
+    if reason is not None:
+        raise UnsupportedArchitecture(reason, hint=f"supported: {', '.join(supported_types())}")
     module = importlib.import_module(spec.module)
     rotary = getattr(module, spec.rotary_class) if spec.rotary_class is not None else None
     return Family(spec, getattr(module, spec.layer_class), rotary)

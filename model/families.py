@@ -49,6 +49,7 @@ class FamilySpec:
     attention: str = "sdpa"  # the kernel the family's model class defaults to
     cache_kind: str = "dynamic"  # every layer keeps every token: rollbacks and sliding masks need them
     convert_block: BlockConverter | None = None  # checkpoint layout -> the layer class's state dict
+    refuse: Callable[[object], str | None] | None = None  # why a config of this type cannot run exactly
 
 
 def _merge_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,19 +72,28 @@ def _merge_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 DECODER = HeadLayout(base="model", embed="embed_tokens", final_norm="norm")
-GEMMA = HeadLayout(base="model", embed="embed_tokens", final_norm="norm", scale_embeddings=True)
+GEMMA = HeadLayout(base="model", embed="embed_tokens", final_norm="norm", scale_embeddings=True,
+                   softcap_logits=True)
+TRANSFORMER = HeadLayout(base="transformer", embed="word_embeddings", final_norm="ln_f")
 DECODER_PREFIXES = dict(layer_prefixes=("model.layers.{i}.", "layers.{i}."), head_prefixes=("model.", ""))
 TRANSFORMER_PREFIXES = dict(layer_prefixes=("transformer.h.{i}.", "h.{i}."), head_prefixes=("transformer.", ""))
 QV = ("q_proj", "v_proj")
 
 
 def _rotary(model_type: str, stem: str, head: HeadLayout = DECODER, targets: tuple[str, ...] = QV,
-            **extra) -> FamilySpec:
+            module: str | None = None, **extra) -> FamilySpec:
     """A decoder whose layers take rotary tables computed outside them, and the cache as `cache`."""
-    return FamilySpec(model_type=model_type, module=f"transformers.models.{model_type}.modeling_{model_type}",
+    module = module or model_type
+    return FamilySpec(model_type=model_type, module=f"transformers.models.{module}.modeling_{module}",
                       layer_class=f"{stem}DecoderLayer", rotary_class=f"{stem}RotaryEmbedding",
-                      positions="rotary", cache_keyword="cache", head=head, lora_targets=targets,
-                      **DECODER_PREFIXES, **extra)
+                      cache_keyword="cache", head=head, lora_targets=targets,
+                      **{"positions": "rotary", **DECODER_PREFIXES, **extra})
+
+
+def _falcon_refuses(config: object) -> str | None:
+    if getattr(config, "alibi", False):
+        return "Falcon with ALiBi (falcon-rw) adds its position bias inside the mask; only rotary Falcon is split"
+    return None
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -95,6 +105,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
                head=HeadLayout(base="transformer", embed="word_embeddings", final_norm="ln_f",
                                embed_norm="word_embeddings_layernorm"),
                lora_targets=("query_key_value",), attention="eager", **TRANSFORMER_PREFIXES),
+    _rotary("qwen3", "Qwen3"),
+    _rotary("mixtral", "Mixtral", convert_block=_merge_experts),
+    _rotary("phi3", "Phi3", targets=("qkv_proj",)),
+    _rotary("gemma2", "Gemma2", head=GEMMA, attention="eager"),  # sdpa cannot soft-cap attention logits
+    _rotary("gemma3_text", "Gemma3", head=GEMMA, module="gemma3", positions="rotary_by_layer_type"),
+    FamilySpec(model_type="falcon", module="transformers.models.falcon.modeling_falcon",
+               layer_class="FalconDecoderLayer", rotary_class="FalconRotaryEmbedding", positions="rotary",
+               cache_keyword="layer_past", head=TRANSFORMER, lora_targets=("query_key_value",),
+               refuse=_falcon_refuses, **TRANSFORMER_PREFIXES),
 )
 
 

@@ -19,26 +19,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+TINY_KINDS = ("llama", "llama3", "bloom", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma2", "gemma3",
+              "falcon")
+SLIDING_WINDOW = 4  # Gemma's and Mistral's tiny window, shorter than the prompts the tests use
+
+
 def make_tiny(kind: str, layers: int = 6, seed: int = 0):
     """A tiny random model of the given architecture (fast to build, exact to compare)."""
-    from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    import transformers as tf
 
     torch.manual_seed(seed)
+    plain = dict(vocab_size=128, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    decoder = dict(plain, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          pad_token_id=0, bos_token_id=None, eos_token_id=None)
-        model = LlamaForCausalLM(cfg)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**decoder))
+    elif kind == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**decoder, rope_parameters=rope, tie_word_embeddings=True))
     elif kind == "qwen2":
-        cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          pad_token_id=0, bos_token_id=None, eos_token_id=None)
-        model = Qwen2ForCausalLM(cfg)
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**decoder, head_dim=16))
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**decoder, sliding_window=SLIDING_WINDOW))
+    elif kind == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2,
+                                                       sliding_window=None))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**decoder))
+    elif kind == "gemma2":
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**decoder, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                                     layer_types=alternating))
+    elif kind == "gemma3":
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**decoder, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                                         layer_types=alternating))
+    elif kind == "falcon":
+        cfg = tf.FalconConfig(**plain, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                              new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+                              bias=False)
+        model = tf.FalconForCausalLM(cfg)
     elif kind == "bloom":
-        cfg = BloomConfig(vocab_size=128, hidden_size=64, n_layer=layers, n_head=4, pad_token_id=0,
-                          bos_token_id=None, eos_token_id=None)
-        model = BloomForCausalLM(cfg)
+        model = tf.BloomForCausalLM(tf.BloomConfig(**plain, hidden_size=64, n_layer=layers, n_head=4))
     else:
         raise ValueError(kind)
     return model.eval()
@@ -73,7 +97,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models of each supported architecture saved as safetensors folders."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "bloom", "qwen2"):
+    for kind in TINY_KINDS:
         model = make_tiny(kind)
         model.save_pretrained(root / kind)
         out[kind] = root / kind

@@ -13,6 +13,8 @@ from mesh.model.sources import resolve_model
 from mesh.model.span import load_span
 from mesh.model.weights import Checkpoint
 
+from conftest import TINY_KINDS
+
 TOL = 1e-5
 
 
@@ -82,7 +84,7 @@ def check_prefill_decode(source, model, batch: int):
     assert (again - mine).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("kind", ["llama", "bloom", "qwen2"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tiny_spans_match_full_model(tiny_dirs, kind, batch):
     source = resolve_model(str(tiny_dirs[kind]))
@@ -108,7 +110,7 @@ def greedy_matches(source, model, new_tokens: int, batch: int = 1):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["llama", "bloom"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_tiny_greedy_generate_identical(tiny_dirs, kind):
     source = resolve_model(str(tiny_dirs[kind]))
     greedy_matches(source, reference(source), 64, batch=2)
@@ -158,7 +160,7 @@ def check_backward(source, model):
     assert (grad - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["llama", "bloom"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_tiny_backward_matches_autograd(tiny_dirs, kind):
     source = resolve_model(str(tiny_dirs[kind]))
     check_backward(source, reference(source))
