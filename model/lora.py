@@ -24,10 +24,10 @@ from transformers import PretrainedConfig
 from . import compat
 from .errors import BadRequest
 
-__all__ = ["DEFAULT_TARGETS", "LoraSpec", "LoraWeights", "target_modules", "lora_shapes", "init_lora", "applied", "save_peft",
+__all__ = ["DEFAULT_TARGETS", "default_targets", "LoraSpec", "LoraWeights", "target_modules", "lora_shapes", "init_lora", "applied", "save_peft",
            "load_peft"]
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # Llama-like families; `default_targets` knows every family's
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
@@ -97,6 +97,11 @@ class LoraWeights:
         a = [[flat[k * per_block + 2 * j] for j in range(len(spec.targets))] for k in range(end - start)]
         b = [[flat[k * per_block + 2 * j + 1] for j in range(len(spec.targets))] for k in range(end - start)]
         return cls(spec, start, end, a, b)
+
+
+def default_targets(config: PretrainedConfig) -> tuple[str, ...]:
+    """The projections a LoRA adapter of this model targets unless told otherwise (its query and value)."""
+    return compat.family_of(config).lora_targets
 
 
 def target_modules(layer: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Module]]:

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mesh.model.lora import LoraSpec, LoraWeights, init_lora, load_peft, save_peft
+from mesh.model.head import head_from_model
+from mesh.model.lora import (DEFAULT_TARGETS, LoraSpec, LoraWeights, default_targets, init_lora, load_peft,
+                             save_peft, target_modules)
 from mesh.model.span import span_from_model
 
-from conftest import make_tiny
+from conftest import TINY_KINDS, make_tiny
 
 
 def _logits(model, span, ids, lora):
-    h = model.model.embed_tokens(ids)
+    head = head_from_model(model)
+    h = head.embed(ids)
     pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    return model.lm_head(model.model.norm(span(h, pos, lora=lora)))
+    return head.logits(span(h, pos, lora=lora))
 
 
-def test_lora_matches_peft_outputs_and_gradients(tmp_path):
+def _layers(model):
+    base = getattr(model, "model", None) or model.transformer
+    return getattr(base, "layers", None) or base.h
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_lora_matches_peft_outputs_and_gradients(tmp_path, kind):
     from peft import PeftModel
 
-    model = make_tiny("llama")
-    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    model = make_tiny(kind)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=default_targets(model.config))
     lora = init_lora(model.config, spec, 0, 6, torch.Generator().manual_seed(0), zero_b=False)
     save_peft(tmp_path / "adapter", lora, model.config, "tiny")
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -30,19 +40,26 @@ def test_lora_matches_peft_outputs_and_gradients(tmp_path):
     weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(2))
     (ours * weights).sum().backward()
 
-    peft_model = PeftModel.from_pretrained(make_tiny("llama"), tmp_path / "adapter", is_trainable=True)
+    peft_model = PeftModel.from_pretrained(make_tiny(kind), tmp_path / "adapter", is_trainable=True)
     theirs = peft_model(ids).logits
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
     (theirs * weights).sum().backward()
     got = LoraWeights.from_tensors(spec, 0, 6, [t.grad for t in flat])
-    for i, layer in enumerate(peft_model.base_model.model.model.layers):
-        for j, proj in enumerate((layer.self_attn.q_proj, layer.self_attn.v_proj)):
+    names = [n for n, _ in target_modules(_layers(model)[0], spec.targets)]
+    for i, layer in enumerate(_layers(peft_model.base_model.model)):
+        for j, proj in enumerate(layer.get_submodule(n) for n in names):
             ref_a, ref_b = proj.lora_A["default"].weight.grad, proj.lora_B["default"].weight.grad
             assert torch.allclose(got.a[i][j], ref_a, rtol=1e-4, atol=1e-7)
             assert torch.allclose(got.b[i][j], ref_b, rtol=1e-4, atol=1e-7)
 
     back = load_peft(tmp_path / "adapter", model.config)
     assert all(torch.equal(x, y) for x, y in zip(back.tensors(), lora.tensors()))
+
+
+def test_default_targets_follow_the_family():
+    assert default_targets(make_tiny("llama", layers=1).config) == DEFAULT_TARGETS
+    assert default_targets(make_tiny("bloom", layers=1).config) == ("query_key_value",)
+    assert default_targets(make_tiny("phi3", layers=1).config) == ("qkv_proj",)
 
 
 def test_span_backward_returns_lora_and_prompt_gradients():
