@@ -59,6 +59,11 @@ def test_smollm2_resolves_to_cached_folder(smollm2):
 def test_well_known_names_map_to_hub_repos():
     assert WELL_KNOWN["llama-2-70b"] == "meta-llama/Llama-2-70b-hf"
     assert WELL_KNOWN["bloom"] == "bigscience/bloom"
+    assert WELL_KNOWN["mixtral-8x7b"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert WELL_KNOWN["qwen2.5-72b"] == "Qwen/Qwen2.5-72B-Instruct"
+    assert WELL_KNOWN["gemma-2-27b"] == "google/gemma-2-27b-it"
+    assert WELL_KNOWN["falcon-40b"] == "tiiuae/falcon-40b-instruct"
+    assert all(k == k.lower() and v.count("/") == 1 for k, v in WELL_KNOWN.items())
     started = time.monotonic()
     with pytest.raises(ModelNotFound) as err:
         resolve_model("llama-2-70b")  # offline here: must fail fast and name the repository
