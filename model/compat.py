@@ -19,7 +19,7 @@ from transformers import AutoConfig, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .errors import UnsupportedArchitecture
-from .families import FamilySpec, HeadLayout, spec_for, supported_types
+from .families import FamilySpec, HeadLayout, spec_for, supported_types, wrapping
 
 __all__ = ["Family", "family_of", "layer_type", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
            "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
@@ -68,6 +68,9 @@ def family_of(config: PretrainedConfig) -> Family:
     """Return the layer family for a config, or raise UnsupportedArchitecture."""
     model_type = getattr(config, "model_type", None)
     spec = spec_for(model_type)
+    if spec is None and wrapping(model_type) is not None:
+        raise UnsupportedArchitecture(f"{model_type!r} is a multimodal config; mesh runs its text part",
+                                      hint="read the config with compat.load_config, which keeps the text part")
     if spec is None:
         raise UnsupportedArchitecture(f"model type {model_type!r} is not supported",
                                       hint=f"supported: {', '.join(supported_types())}")
@@ -199,8 +202,12 @@ class LayerRunner:
 
 
 def load_config(path: str) -> PretrainedConfig:
-    """A model folder's config, with the attention implementation mesh runs."""
-    return ensure_attention(AutoConfig.from_pretrained(path))
+    """A model folder's config, with the attention implementation mesh runs. A multimodal model whose text
+    part is a supported family gives that part's config: mesh serves its language model, text in, text out."""
+    config = AutoConfig.from_pretrained(path)
+    if spec_for(config.model_type) is None and wrapping(config.model_type) is not None:
+        config = config.get_text_config()
+    return ensure_attention(config)
 
 
 def ensure_attention(config: PretrainedConfig) -> PretrainedConfig:

@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["HeadLayout", "FamilySpec", "FAMILIES", "spec_for", "supported_types"]
+__all__ = ["HeadLayout", "FamilySpec", "FAMILIES", "spec_for", "wrapping", "supported_types"]
 
 Positions = Literal["rotary", "rotary_by_layer_type", "alibi"]
 BlockConverter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -50,6 +50,7 @@ class FamilySpec:
     cache_kind: str = "dynamic"  # every layer keeps every token: rollbacks and sliding masks need them
     convert_block: BlockConverter | None = None  # checkpoint layout -> the layer class's state dict
     refuse: Callable[[object], str | None] | None = None  # why a config of this type cannot run exactly
+    wrappers: tuple[str, ...] = ()  # multimodal model types whose text part is this family (run text-only)
 
 
 def _merge_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,7 +110,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
     _rotary("mixtral", "Mixtral", convert_block=_merge_experts),
     _rotary("phi3", "Phi3", targets=("qkv_proj",)),
     _rotary("gemma2", "Gemma2", head=GEMMA, attention="eager"),  # sdpa cannot soft-cap attention logits
-    _rotary("gemma3_text", "Gemma3", head=GEMMA, module="gemma3", positions="rotary_by_layer_type"),
+    _rotary("gemma3_text", "Gemma3", head=GEMMA, module="gemma3", positions="rotary_by_layer_type",
+            wrappers=("gemma3",),
+            layer_prefixes=("model.layers.{i}.", "layers.{i}.", "language_model.model.layers.{i}.",
+                            "model.language_model.layers.{i}."),
+            head_prefixes=("model.", "", "language_model.model.", "model.language_model.")),
     FamilySpec(model_type="falcon", module="transformers.models.falcon.modeling_falcon",
                layer_class="FalconDecoderLayer", rotary_class="FalconRotaryEmbedding", positions="rotary",
                cache_keyword="layer_past", head=TRANSFORMER, lora_targets=("query_key_value",),
@@ -120,6 +125,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
 def spec_for(model_type: str | None) -> FamilySpec | None:
     """The entry covering `model_type`, or None."""
     return next((f for f in FAMILIES if f.model_type == model_type), None)
+
+
+def wrapping(model_type: str | None) -> FamilySpec | None:
+    """The entry whose family is the text part of the multimodal `model_type`, or None."""
+    return next((f for f in FAMILIES if model_type in f.wrappers), None)
 
 
 def supported_types() -> list[str]:

@@ -112,15 +112,20 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_config(config)
     ckpt = Checkpoint.open(source.path, source.fetch)
     block_prefixes = tuple(t.split("{i}")[0] for t in family.layer_prefixes)
-    wanted = [n for n in ckpt.files if not any(n.startswith(p) for p in block_prefixes)]
-    tensors = ckpt.read(wanted, dtype)
     own = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        for candidate in (name, *(p + name for p in ("model.", "transformer."))):
-            if candidate in own:
-                state[candidate] = t
-                break
+    names: dict[str, str] = {}  # checkpoint name -> the model's name, for head tensors only
+    for name in ckpt.files:
+        if name.startswith(block_prefixes):
+            continue
+        candidates = [name, *(f"{family.head.base}.{name[len(p):]}" for p in family.head_prefixes
+                              if name.startswith(p))]
+        if name.split(".")[-2:-1] == ["lm_head"]:  # a multimodal checkpoint's language_model.lm_head
+            candidates.append("lm_head." + name.split(".")[-1])
+        found = next((c for c in candidates if c in own), None)
+        if found is not None:
+            names[name] = found
+    tensors = ckpt.read(list(names), dtype)  # no other tensor (a vision tower) is read
+    state = {names[n]: t for n, t in tensors.items()}
     missing = [k for k in own if k not in state]
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     if "lm_head.weight" in missing and tied:

@@ -61,6 +61,13 @@ def make_tiny(kind: str, layers: int = 6, seed: int = 0):
                               new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
                               bias=False)
         model = tf.FalconForCausalLM(cfg)
+    elif kind == "gemma3_vision":  # multimodal: mesh serves its text part
+        text = dict(decoder, head_dim=16, sliding_window=SLIDING_WINDOW, layer_types=alternating)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=16, patch_size=4)
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                              image_token_index=127, boi_token_index=125, eoi_token_index=126)
+        model = tf.Gemma3ForConditionalGeneration(cfg)
     elif kind == "bloom":
         model = tf.BloomForCausalLM(tf.BloomConfig(**plain, hidden_size=64, n_layer=layers, n_head=4))
     else:

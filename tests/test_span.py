@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
 from mesh.model.generation import Generator, LocalSpans, SamplingConfig
@@ -114,6 +114,35 @@ def greedy_matches(source, model, new_tokens: int, batch: int = 1):
 def test_tiny_greedy_generate_identical(tiny_dirs, kind):
     source = resolve_model(str(tiny_dirs[kind]))
     greedy_matches(source, reference(source), 64, batch=2)
+
+
+def test_multimodal_gemma3_serves_its_text_part(tmp_path):
+    """A Gemma 3 checkpoint with a vision tower resolves to its text config; head and spans read only the
+    language model's tensors and give what the whole model gives on text."""
+    from conftest import make_tiny
+
+    model = make_tiny("gemma3_vision")
+    model.save_pretrained(tmp_path)
+    source = resolve_model(str(tmp_path))
+    assert source.config.model_type == "gemma3_text" and source.num_blocks == 6
+    reference = AutoModelForImageTextToText.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    check_prefill_decode(source, reference, 3)
+    greedy_matches(source, reference, 8, batch=2)
+    ckpt = Checkpoint.open(tmp_path)
+    seen = []
+    original = Checkpoint.read
+
+    def reading(self, names, dtype=None):
+        seen.extend(names)
+        return original(self, names, dtype)
+
+    Checkpoint.read = reading
+    try:
+        load_head(source)
+    finally:
+        Checkpoint.read = original
+    assert seen and not any("vision" in n or "multi_modal" in n for n in seen)
+    assert any("vision" in n for n in ckpt.files)
 
 
 @pytest.mark.slow
