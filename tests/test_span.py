@@ -265,6 +265,19 @@ def test_a_hub_span_fetches_only_the_shards_it_reads(tmp_path):
     assert torch.equal(span(x, pos), load_span(full, model.config, 2, 4)(x, pos))
 
 
+def test_unsupported_families_say_why():
+    from transformers import FalconConfig, GPT2Config
+
+    from mesh.model.compat import family_of
+    from mesh.model.errors import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match="ALiBi"):
+        family_of(FalconConfig(hidden_size=64, num_attention_heads=4, alibi=True))
+    with pytest.raises(UnsupportedArchitecture, match="gpt2") as err:
+        family_of(GPT2Config())
+    assert "gemma2" in err.value.one_line()
+
+
 def test_span_errors(tiny_dirs):
     source = resolve_model(str(tiny_dirs["llama"]))
     with pytest.raises(SpanOutOfRange):
