@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class Family:
     spec: FamilySpec
     layer_class: type[nn.Module]
     rotary_class: type[nn.Module] | None
+    positions: str  # the entry's position rule for this config
 
     @property
     def name(self) -> str:
@@ -78,8 +80,10 @@ def family_of(config: PretrainedConfig) -> Family:
     if reason is not None:
         raise UnsupportedArchitecture(reason, hint=f"supported: {', '.join(supported_types())}")
     module = importlib.import_module(spec.module)
-    rotary = getattr(module, spec.rotary_class) if spec.rotary_class is not None else None
-    return Family(spec, getattr(module, spec.layer_class), rotary)
+    positions = spec.positions(config) if callable(spec.positions) else spec.positions
+    rotary = getattr(module, spec.rotary_class) if spec.rotary_class is not None and positions.startswith("rotary") \
+        else None
+    return Family(spec, getattr(module, spec.layer_class), rotary, positions)
 
 
 def build_layer(family: Family, config: PretrainedConfig, layer_idx: int) -> nn.Module:
@@ -112,6 +116,15 @@ def lm_logits_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: Dynam
 
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def _bias_in_mask(mask: torch.Tensor, alibi: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """An additive mask carrying the ALiBi bias (scaled by 1/sqrt(head_dim)) where tokens may attend."""
+    low = torch.finfo(alibi.dtype).min
+    if mask.dtype == torch.bool:
+        mask = torch.where(mask, torch.zeros((), dtype=alibi.dtype, device=mask.device), low)
+    bias = alibi.reshape(-1, heads, *alibi.shape[1:]) / math.sqrt(head_dim)
+    return torch.masked_fill(bias, mask < -1, low)
 MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 
 
@@ -149,6 +162,7 @@ class LayerRunner:
         attention_mask: torch.Tensor | None,
     ) -> dict[str, Any]:
         """Per-call arguments shared by every layer of the span: masks and positions by layer kind."""
+        positions = self.family.positions
         masks = {
             kind: MASKS[kind](
                 config=self.config,
@@ -157,25 +171,29 @@ class LayerRunner:
                 cache=cache,
                 position_ids=position_ids,
                 layer_idx=self.first_layer,
+                allow_is_causal_skip=positions != "alibi_in_mask",  # the bias needs a materialized mask
             )
             for kind in self.types
         }
-        positions = self.family.spec.positions
-        if positions == "alibi":
+        if positions in ("alibi", "alibi_in_mask"):
             past = kv_length(cache, self.first_layer) if cache is not None else 0
             if attention_mask is None:
                 attention_mask = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long,
                                             device=hidden.device)
             module = importlib.import_module(self.family.spec.module)
-            alibi = module.build_alibi_tensor(attention_mask, self.config.n_head, dtype=hidden.dtype)
-            return {"masks": masks, "extra": {"alibi": alibi}}
+            heads = self.config.num_attention_heads
+            alibi = module.build_alibi_tensor(attention_mask, heads, dtype=hidden.dtype)
+            if positions == "alibi":
+                return {"masks": masks, "extra": {"alibi": alibi}}
+            return {"masks": {kind: _bias_in_mask(mask, alibi, heads, self.config.hidden_size // heads)
+                              for kind, mask in masks.items()}}
         self.rotary.to(hidden.device)
         if positions == "rotary_by_layer_type":
             tables = {kind: self.rotary(hidden, position_ids, kind) for kind in self.types}
         else:
             table = self.rotary(hidden, position_ids)
             tables = {kind: table for kind in self.types}
-        return {"masks": masks, "tables": tables, "position_ids": position_ids}
+        return {"masks": masks, "tables": tables}
 
     def call(
         self,

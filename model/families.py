@@ -16,7 +16,9 @@ import torch
 
 __all__ = ["HeadLayout", "FamilySpec", "FAMILIES", "spec_for", "wrapping", "supported_types"]
 
-Positions = Literal["rotary", "rotary_by_layer_type", "alibi"]
+# How layers learn positions: rotary tables built outside them (one, or one per layer kind), ALiBi passed
+# to the layer (BLOOM), or ALiBi folded into the attention mask (Falcon-RW).
+Positions = Literal["rotary", "rotary_by_layer_type", "alibi", "alibi_in_mask"]
 BlockConverter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -40,7 +42,7 @@ class FamilySpec:
     module: str  # transformers module holding the classes
     layer_class: str
     rotary_class: str | None
-    positions: Positions
+    positions: Positions | Callable[[object], Positions]  # a function of the config where that decides
     cache_keyword: str  # the layer's keyword for the KV cache
     layer_prefixes: tuple[str, ...]  # checkpoint name prefixes of block i, formatted with {i}
     head_prefixes: tuple[str, ...]  # checkpoint prefixes of the base model (embeddings, final norm)
@@ -91,10 +93,8 @@ def _rotary(model_type: str, stem: str, head: HeadLayout = DECODER, targets: tup
                       **{"positions": "rotary", **DECODER_PREFIXES, **extra})
 
 
-def _falcon_refuses(config: object) -> str | None:
-    if getattr(config, "alibi", False):
-        return "Falcon with ALiBi (falcon-rw) adds its position bias inside the mask; only rotary Falcon is split"
-    return None
+def _falcon_positions(config: object) -> Positions:
+    return "alibi_in_mask" if getattr(config, "alibi", False) else "rotary"
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -116,9 +116,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
                             "model.language_model.layers.{i}."),
             head_prefixes=("model.", "", "language_model.model.", "model.language_model.")),
     FamilySpec(model_type="falcon", module="transformers.models.falcon.modeling_falcon",
-               layer_class="FalconDecoderLayer", rotary_class="FalconRotaryEmbedding", positions="rotary",
+               layer_class="FalconDecoderLayer", rotary_class="FalconRotaryEmbedding", positions=_falcon_positions,
                cache_keyword="layer_past", head=TRANSFORMER, lora_targets=("query_key_value",),
-               refuse=_falcon_refuses, **TRANSFORMER_PREFIXES),
+               **TRANSFORMER_PREFIXES),
 )
 
 

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 TINY_KINDS = ("llama", "llama3", "bloom", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma2", "gemma3",
-              "falcon", "falcon40")
+              "falcon", "falcon40", "falcon_rw")
 SLIDING_WINDOW = 4  # Gemma's and Mistral's tiny window, shorter than the prompts the tests use
 
 
@@ -65,6 +65,11 @@ def make_tiny(kind: str, layers: int = 6, seed: int = 0):
         cfg = tf.FalconConfig(**plain, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                               num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True, alibi=False,
                               bias=False)
+        model = tf.FalconForCausalLM(cfg)
+    elif kind == "falcon_rw":  # Falcon-RW: ALiBi, sequential attention and MLP, a KV head per query head
+        cfg = tf.FalconConfig(**plain, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                              new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True,
+                              bias=True)
         model = tf.FalconForCausalLM(cfg)
     elif kind == "gemma3_vision":  # multimodal: mesh serves its text part
         text = dict(decoder, head_dim=16, sliding_window=SLIDING_WINDOW, layer_types=alternating)
