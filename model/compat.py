@@ -76,9 +76,6 @@ def family_of(config: PretrainedConfig) -> Family:
     if spec is None:
         raise UnsupportedArchitecture(f"model type {model_type!r} is not supported",
                                       hint=f"supported: {', '.join(supported_types())}")
-    reason = spec.refuse(config) if spec.refuse is not None else None
-    if reason is not None:
-        raise UnsupportedArchitecture(reason, hint=f"supported: {', '.join(supported_types())}")
     module = importlib.import_module(spec.module)
     positions = spec.positions(config) if callable(spec.positions) else spec.positions
     rotary = getattr(module, spec.rotary_class) if spec.rotary_class is not None and positions.startswith("rotary") \

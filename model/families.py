@@ -1,7 +1,7 @@
 """The model families mesh can split into spans: one small data entry per model type.
 
 An entry says where a family's classes are, how its checkpoints name blocks and head tensors, how its
-layers learn positions (rotary tables built outside the layer, one per layer type, or ALiBi), which
+layers learn positions (rotary tables built outside the layer, one per layer kind, or ALiBi), which
 keyword carries the cache, what the client head does around the blocks (embedding scale, final logit
 soft-capping) and which projections LoRA targets by default. `compat` turns an entry into calls of
 transformers' layer classes; nothing else in mesh branches on a family's name.
@@ -31,7 +31,7 @@ class HeadLayout:
     final_norm: str  # inside `base`
     embed_norm: str | None = None  # a norm right after the embeddings (BLOOM)
     scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
-    softcap_logits: bool = False  # tanh soft-capping of the logits at config.final_logit_softcapping (Gemma 2)
+    softcap_logits: bool = False  # tanh soft-capping of the logits at config.final_logit_softcapping, when set (Gemma)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class FamilySpec:
     attention: str = "sdpa"  # the kernel the family's model class defaults to
     cache_kind: str = "dynamic"  # every layer keeps every token: rollbacks and sliding masks need them
     convert_block: BlockConverter | None = None  # checkpoint layout -> the layer class's state dict
-    refuse: Callable[[object], str | None] | None = None  # why a config of this type cannot run exactly
     wrappers: tuple[str, ...] = ()  # multimodal model types whose text part is this family (run text-only)
 
 
