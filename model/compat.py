@@ -2,7 +2,8 @@
 
 Layer internals change between transformers releases (the cache keyword, whether a layer returns a
 tensor or a tuple, who computes rotary embeddings). Everything else in mesh calls the functions here,
-so a new release means changing this file only. Tested range: transformers >=5.20,<5.40 (pinned in
+so a new release means changing this file only. What differs between families is data, in
+`families.py`; this module interprets it. Tested range: transformers >=5.20,<5.40 (pinned in
 pyproject.toml; 5.40 removes the `past_key_values` alias this code no longer uses).
 """
 
@@ -113,6 +114,7 @@ def lm_logits_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: Dynam
 
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 
 
 def _bias_in_mask(mask: torch.Tensor, alibi: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -122,7 +124,6 @@ def _bias_in_mask(mask: torch.Tensor, alibi: torch.Tensor, heads: int, head_dim:
         mask = torch.where(mask, torch.zeros((), dtype=alibi.dtype, device=mask.device), low)
     bias = alibi.reshape(-1, heads, *alibi.shape[1:]) / math.sqrt(head_dim)
     return torch.masked_fill(bias, mask < -1, low)
-MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 
 
 def layer_type(config: PretrainedConfig, layer_idx: int) -> str:

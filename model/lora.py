@@ -24,8 +24,8 @@ from transformers import PretrainedConfig
 from . import compat
 from .errors import BadRequest
 
-__all__ = ["DEFAULT_TARGETS", "default_targets", "LoraSpec", "LoraWeights", "target_modules", "lora_shapes", "init_lora", "applied", "save_peft",
-           "load_peft"]
+__all__ = ["DEFAULT_TARGETS", "default_targets", "LoraSpec", "LoraWeights", "target_modules", "lora_shapes",
+           "init_lora", "applied", "save_peft", "load_peft"]
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # Llama-like families; `default_targets` knows every family's
 PEFT_WEIGHTS = "adapter_model.safetensors"
