@@ -67,6 +67,7 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype,
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
                                         has_fp16_weights=False, threshold=INT8_THRESHOLD)
                 q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+                q.register_forward_hook(_own_output)
             else:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4")
@@ -77,6 +78,12 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype,
         else:
             quantize_linears(child, mode, compute_dtype, device)
     return module
+
+
+def _own_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    """LLM.int8's autograd function returns a view, which layers that add to a linear's output in place
+    (Falcon's parallel attention and MLP) may not modify while a graph is kept: give them a copy then."""
+    return out.clone() if out.requires_grad else None
 
 
 def quantizer(mode: str, dtype: torch.dtype,

@@ -32,6 +32,20 @@ def test_tiny_span_per_mode(tiny_dirs, mode, dtype):
     assert rel(out, ref) < BOUNDS[(mode, dtype)], rel(out, ref)
 
 
+def test_int8_spans_keep_a_graph_through_in_place_additions(tiny_dirs):
+    """LLM.int8 returns views; Falcon adds its attention and MLP outputs in place: a training pass (a graph
+    kept from a leaf input) still runs, and its input gradient is close to float32's."""
+    from mesh.model.sources import resolve_model
+
+    source = resolve_model(str(tiny_dirs["falcon"]))
+    x, pos = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)), torch.arange(9).expand(2, 9)
+    grad = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+    ref = load_span(source.path, source.config, 0, 6).backward(x, grad, pos).hidden
+    got = load_span(source.path, source.config, 0, 6, torch.float32, quantizer("int8", torch.float32)).backward(
+        x, grad, pos).hidden
+    assert rel(got, ref) < BOUNDS[("int8", torch.float32)]
+
+
 @pytest.mark.slow
 def test_smollm2_span_error_and_memory_per_mode(smollm2):
     from mesh.model.head import load_head, load_tokenizer
