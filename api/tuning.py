@@ -174,7 +174,8 @@ class SwarmRunner:
         self.micro_batch = micro_batch
         client = model.client
         cfg = ChainConfig(client.node, client.swarm.table, RttTracker(client.node), model.source.model_id,
-                          model.num_blocks, bans=model.bans, route_wait=model.route_wait, checker=model.new_checker())
+                          model.num_blocks, bans=model.bans, route_wait=model.route_wait, accept=model.accept,
+                          checker=model.new_checker())
         self.blocks = SwarmBlocks(cfg, spread=spread, keep_graphs=True)
         self._lora = None
 

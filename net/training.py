@@ -110,7 +110,7 @@ class SwarmBlocks:
         """A chain for blocks [start, end), waiting up to `route_wait` for missing blocks, as inference does."""
 
         async def attempt() -> list[Hop]:
-            servers = self.table.servers(self.model_id)
+            servers = [s for s in self.table.servers(self.model_id) if self.cfg.accept(s)]
             self._last_known.update((s.peer_id, s) for s in servers)
             if self.spread:
                 return spread_chain(candidates(servers, throughput=True), start, end, self.rng,

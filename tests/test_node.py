@@ -171,6 +171,22 @@ async def test_a_training_route_waits_for_missing_blocks():
         await SwarmBlocks(ChainConfig(None, table, None, "m2", 4, route_wait=0.6), spread=True)._route(0, 4)
 
 
+async def test_a_training_route_takes_only_servers_the_client_accepts():
+    """An exact client trains on float32 servers only, as it generates: the quantized one is passed over."""
+    from mesh.net.chain import ChainConfig
+    from mesh.net.inference import is_exact
+    from mesh.net.training import SwarmBlocks
+
+    table = SwarmTable()
+    for peer, quant, rps in (("fast-nf4", "nf4", 1000.0), ("exact", "none", 10.0)):
+        table.update(ServerInfo(peer, "m", 0, 4, ServerState.ONLINE, inference_rps=rps, forward_rps=rps,
+                                throughput=rps, quant=quant, dtype="float32", timestamp=time.time()))
+    blocks = SwarmBlocks(ChainConfig(None, table, None, "m", 4, accept=is_exact), spread=True)
+    with trio.fail_after(3):
+        for _ in range(5):
+            assert [h.peer_id for h in await blocks._route(0, 4)] == ["exact"]
+
+
 def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
     """A server whose wall clock is a minute behind (or ahead) is live for its ttl after we hear it;
     an entry learned from a snapshot keeps only what its sender says is left of its life."""
