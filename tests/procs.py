@@ -104,6 +104,27 @@ def cheating_serve(after: int, fraction: float, seed: int, *args, **kwargs) -> M
     return serve(*args, command=cheat, **kwargs)
 
 
+class MultiServe(MeshProcess):
+    """One process of several servers (tests/multiserve.py): specs maps a label to (folder, blocks, quant,
+    initial peer or "")."""
+
+    def __init__(self, specs: dict[str, tuple[str, str, str, str]], log: Path) -> None:
+        args = [f"{label}={'@'.join(x for x in spec if x)}" for label, spec in specs.items()]
+        super().__init__(args, log, env={"HF_HUB_OFFLINE": "1"},
+                         command=[sys.executable, str(Path(__file__).with_name("multiserve.py"))])
+        self.addrs: dict[str, str] = {}
+
+    def ready(self) -> bool:
+        text = self.output()
+        self.addrs = dict(re.findall(r"^mesh: (\S+) listening on (\S+)$", text, re.M))
+        served = set(re.findall(r"^mesh: (\S+) serving blocks", text, re.M))
+        if len(served) == len(self.args):
+            return True
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"multiserve exited with {self.proc.returncode}:\n{text[-3000:]}")
+        return False
+
+
 async def run_mesh(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     with trio.fail_after(timeout):
         return await trio.run_process([*MESH, *args], capture_stdout=True, capture_stderr=True, check=False)
