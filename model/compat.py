@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .errors import UnsupportedArchitecture
+from .errors import CacheTrimmed, UnsupportedArchitecture
 from .families import FamilySpec, HeadLayout, spec_for, supported_types, wrapping
 
-__all__ = ["Family", "family_of", "layer_type", "build_layer", "new_kv_cache", "kv_length", "kv_crop",
+__all__ = ["Family", "family_of", "layer_type", "build_layer", "WindowLayer", "new_kv_cache", "kv_length", "kv_crop",
            "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
 
 TESTED_TRANSFORMERS = (">=5.20", "<5.40")
@@ -89,10 +90,68 @@ def build_layer(family: Family, config: PretrainedConfig, layer_idx: int) -> nn.
     return family.layer_class(config, layer_idx=layer_idx)
 
 
-def new_kv_cache(config: PretrainedConfig) -> DynamicCache:
-    # Slots are created lazily up to the highest layer index used; empty slots cost nothing.
-    """An empty KV cache for the layers of a span (keyed by their global indices)."""
-    return DynamicCache()
+ROLLBACK_SLACK = 256  # tokens a windowed layer keeps beyond its window: rejected drafts, re-sent steps
+
+
+class WindowLayer(DynamicLayer):
+    """The cache of a sliding-window layer: only its last `window - 1 + slack` tokens are kept, since no
+    later token attends further back; the slack lets a session roll back rejected drafts or a re-sent
+    step. A deeper rollback raises CacheTrimmed (the caller replays instead). Each update returns what
+    was kept plus the new tokens, and `get_mask_sizes` says where those start, for the window's mask."""
+
+    is_sliding = True
+
+    def __init__(self, window: int, slack: int) -> None:
+        super().__init__()
+        self.keep = window - 1 + slack
+        self.cumulative_length = 0
+
+    @property
+    def kept(self) -> int:
+        return int(self.keys.shape[-2]) if self.is_initialized and self.keys.dim() == 4 else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys, self.values = keys[:, :, -self.keep:], values[:, :, -self.keep:]
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kept + query_length, self.cumulative_length - self.kept
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (a negative count, as transformers' caches take it)."""
+        drop = -tokens_to_remove if tokens_to_remove < 0 else self.cumulative_length - tokens_to_remove
+        if self.cumulative_length == 0:  # a slot before the span's first layer
+            return
+        if drop > self.kept:
+            raise CacheTrimmed(f"cannot roll back {drop} tokens: a windowed layer keeps its last {self.kept}",
+                               hint="replay the tokens")
+        if drop > 0:
+            self.keys, self.values = self.keys[:, :, :-drop], self.values[:, :, :-drop]
+            self.cumulative_length -= drop
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+
+
+def new_kv_cache(config: PretrainedConfig, end: int | None = None) -> DynamicCache:
+    """An empty KV cache for layers [.., end) (keyed by their global indices), their sliding-window layers
+    trimmed to the window (WindowLayer). Without `end`, every layer keeps every token (a whole model's
+    cache, created lazily)."""
+    cache = DynamicCache()
+    window = getattr(config, "sliding_window", None)
+    if end is not None:
+        cache.layers = [WindowLayer(window, ROLLBACK_SLACK) if window and layer_type(config, i) == SLIDING else DynamicLayer()
+                        for i in range(end)]  # empty slots before a span's first layer cost nothing
+    return cache
 
 
 def kv_length(cache: DynamicCache, first_layer: int) -> int:
@@ -101,9 +160,16 @@ def kv_length(cache: DynamicCache, first_layer: int) -> int:
 
 
 def kv_crop(cache: DynamicCache, tokens_to_remove: int) -> None:
-    """Drop the last `tokens_to_remove` tokens of every layer's cache (rollbacks)."""
-    if tokens_to_remove > 0:
-        cache.crop(-tokens_to_remove)  # only negative counts are accepted in 5.x
+    """Drop the last `tokens_to_remove` tokens of every layer's cache (rollbacks), or raise CacheTrimmed,
+    before changing anything, when a windowed layer no longer holds that many."""
+    if tokens_to_remove <= 0:
+        return
+    short = [layer.kept for layer in cache.layers
+             if isinstance(layer, WindowLayer) and layer.cumulative_length > layer.kept < tokens_to_remove]
+    if short:
+        raise CacheTrimmed(f"cannot roll back {tokens_to_remove} tokens: a windowed layer keeps its last "
+                           f"{min(short)}", hint="replay the tokens")
+    cache.crop(-tokens_to_remove)  # only negative counts are accepted in 5.x
 
 
 def lm_logits_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -139,18 +205,24 @@ class LayerRunner:
     """Runs a list of layers of one family over hidden states, with an optional KV cache.
 
     `attention_mask` is the full 2-D mask over (cached + new) tokens, 1 = attend, or None for all ones.
-    The masks are built once per call, before any layer updates the cache, and with the span's first layer
-    index so a span cache that does not start at layer 0 reads its own length. Each layer then gets the
-    mask of its kind (full or sliding window) and the position tables of its kind.
+    The masks are built once per call, before any layer updates the cache, each from the cache of the
+    span's first layer of its kind (full or sliding window: a windowed layer keeps fewer tokens), so a span
+    cache that does not start at layer 0 reads its own sizes. Each layer then gets the mask and the
+    position tables of its kind.
     """
 
-    def __init__(self, family: Family, config: PretrainedConfig, first_layer: int) -> None:
+    def __init__(self, family: Family, config: PretrainedConfig, first_layer: int, end_layer: int | None = None) -> None:
         self.family = family
         self.config = config
         self.first_layer = first_layer
         self.rotary = family.rotary_class(config) if family.rotary_class is not None else None
-        count = getattr(config, "num_hidden_layers", 0) or 0
-        self.types = sorted({layer_type(config, i) for i in range(count)} or {FULL})
+        end = end_layer if end_layer is not None else getattr(config, "num_hidden_layers", 0) or first_layer + 1
+        # each kind's mask is sized by the cache of the span's first layer of that kind (windowed layers
+        # keep fewer tokens)
+        self.first_of_kind: dict[str, int] = {}
+        for i in range(first_layer, end):
+            self.first_of_kind.setdefault(layer_type(config, i), i)
+        self.types = sorted(self.first_of_kind)
 
     def prepare(
         self,
@@ -168,7 +240,7 @@ class LayerRunner:
                 attention_mask=attention_mask,
                 cache=cache,
                 position_ids=position_ids,
-                layer_idx=self.first_layer,
+                layer_idx=self.first_of_kind[kind],
                 allow_is_causal_skip=positions != "alibi_in_mask",  # the bias needs a materialized mask
             )
             for kind in self.types

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["MeshError", "ModelNotFound", "ModelLoadError", "UnsupportedArchitecture", "SpanOutOfRange",
-           "MaxLengthExceeded", "BadRequest", "Rewind"]
+           "MaxLengthExceeded", "BadRequest", "CacheTrimmed", "Rewind"]
 
 
 class MeshError(Exception):
@@ -54,6 +54,12 @@ class BadRequest(MeshError):
     """Input that breaks the rules: a peer's frame, a user's option or file row."""
 
     code = "bad_request"
+
+
+class CacheTrimmed(MeshError):
+    """A rollback deeper than a windowed layer's cache still holds: the tokens must be replayed instead."""
+
+    code = "cache_trimmed"
 
 
 class Rewind(MeshError):

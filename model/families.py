@@ -49,7 +49,6 @@ class FamilySpec:
     head: HeadLayout
     lora_targets: tuple[str, ...]
     attention: str = "sdpa"  # the kernel the family's model class defaults to
-    cache_kind: str = "dynamic"  # every layer keeps every token: rollbacks and sliding masks need them
     convert_block: BlockConverter | None = None  # checkpoint layout -> the layer class's state dict
     wrappers: tuple[str, ...] = ()  # multimodal model types whose text part is this family (run text-only)
 

@@ -124,11 +124,20 @@ def block_bytes(config: PretrainedConfig, quant: str, dtype: torch.dtype) -> flo
     return bytes_per_block(linear, other, quant, dtype)
 
 
-def cache_bytes_per_block(config: PretrainedConfig, tokens: int, dtype: torch.dtype) -> float:
-    """Keys and values of `tokens` cached tokens in one block."""
+def cache_bytes_per_block(config: PretrainedConfig, tokens: int, dtype: torch.dtype,
+                          max_length: int | None = None) -> float:
+    """Keys and values of `tokens` cached tokens in one block, on average over the model's blocks. Given
+    sessions of `max_length` tokens, a sliding-window block holds only its window (plus the rollback slack)
+    of each (compat.WindowLayer): Gemma 3's five windowed blocks in six need a fraction of a global one's."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * tokens * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    full = 2 * tokens * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    window, n = getattr(config, "sliding_window", None), config.num_hidden_layers
+    if not window or max_length is None or n == 0:
+        return full
+    windowed = sum(compat.layer_type(config, i) == compat.SLIDING for i in range(n))
+    share = min(1.0, (window - 1 + compat.ROLLBACK_SLACK) / max_length)
+    return full * (n - windowed + windowed * share) / n
 
 
 def work_bytes(config: PretrainedConfig, tokens: int, dtype: torch.dtype) -> float:

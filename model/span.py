@@ -108,7 +108,7 @@ class Span(nn.Module):
         self.family = compat.family_of(config)
         self.layers = nn.ModuleList(layers)
         self.device = next((p.device for p in self.layers.parameters()), torch.device("cpu"))
-        self.runner = compat.LayerRunner(self.family, config, first_layer=start)
+        self.runner = compat.LayerRunner(self.family, config, first_layer=start, end_layer=end)
         self.requires_grad_(False)
         self.eval()
 
@@ -132,7 +132,7 @@ class Span(nn.Module):
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
         if batch_size < 1 or max_length < 1:
             raise BadRequest(f"bad cache shape: batch {batch_size}, max_length {max_length}")
-        return SpanCache(batch_size, max_length, self.start, compat.new_kv_cache(self.config),
+        return SpanCache(batch_size, max_length, self.start, compat.new_kv_cache(self.config, self.end),
                          torch.ones(batch_size, 0, dtype=torch.long, device=self.device))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: SpanCache | None = None,

@@ -24,7 +24,7 @@ import torch
 import trio
 
 from ..balancing.routing import Hop
-from ..model.errors import MeshError, Rewind
+from ..model.errors import CacheTrimmed, MeshError, Rewind
 from . import wire
 from .chain import ChainConfig, ChainOpener, HopLink, RouteUnavailable, close_quietly
 from .client import ping
@@ -48,9 +48,10 @@ class HopFailed(MeshError):
 
     code = "unavailable"
 
-    def __init__(self, index: int | None, message: str) -> None:
+    def __init__(self, index: int | None, message: str, ban: bool = True) -> None:
         super().__init__(message)
         self.index = index
+        self.ban = ban  # False: the hop is sound but must be rebuilt (its cache no longer reaches back)
 
 
 def is_exact(info: ServerInfo) -> bool:
@@ -187,8 +188,8 @@ class InferenceSession:
         log.warning("%s failed: %s", who, e)
         t0 = time.perf_counter()
         dead = sorted(await self._dead_hops(e.index))
-        log.info("dead hops %s found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
-        await self._replace(dead, ban=True, before=position)
+        log.info("hops %s to replace, found in %.0f ms", dead, (time.perf_counter() - t0) * 1e3)
+        await self._replace(dead, ban=e.ban, before=position, exclude=e.ban)
 
     def _expected(self, links: list[HopLink], tokens: int) -> float:
         """Compute + network time of a step through `links` as their servers announced them."""
@@ -263,7 +264,9 @@ class InferenceSession:
         A hop may blame only itself or its neighbours in the chain: any other name is its own failure."""
         if link not in self.hops:  # a hop replaced meanwhile: nothing waits on it
             return
-        if failed_peer is not None:  # its predecessor: a push that was not what it committed to
+        if isinstance(error, CacheTrimmed):  # a rewind deeper than its windowed layers keep: replay it there
+            error = HopFailed(self.hops.index(link), str(error), ban=False)
+        elif failed_peer is not None:  # its predecessor: a push that was not what it committed to
             own = self.hops.index(link)
             after = own + 1 if own + 1 < len(self.hops) and self.hops[own + 1].hop.peer_id == failed_peer else \
                 own - 1 if own > 0 and self.hops[own - 1].hop.peer_id == failed_peer else own
@@ -308,12 +311,13 @@ class InferenceSession:
             log.info("leaving draining server(s) %s", ", ".join(short_id(self.hops[i].hop.peer_id) for i in leaving))
             await self._replace(leaving, ban=False, before=position)
 
-    async def _replace(self, dead: list[int], *, ban: bool, before: int) -> None:
-        """Replace hops `dead` (indices) with new servers whose caches hold positions [0, before)."""
+    async def _replace(self, dead: list[int], *, ban: bool, before: int, exclude: bool = True) -> None:
+        """Replace hops `dead` (indices) with new sessions whose caches hold positions [0, before), on other
+        servers (`exclude`) or on any, their own included (a sound hop that must be rebuilt)."""
         for i in dead:
             if ban:
                 self.cfg.bans.ban(self.hops[i].hop.peer_id)
-        banned = self.cfg.bans.banned() | {self.hops[i].hop.peer_id for i in dead}
+        banned = self.cfg.bans.banned() | ({self.hops[i].hop.peer_id for i in dead} if exclude else frozenset())
         # contiguous runs of dead hops are replaced together; handle the last run first (indices stay valid)
         runs: list[list[int]] = []
         for i in sorted(dead):

@@ -113,7 +113,7 @@ def blocks_that_fit(source: ModelSource, config: "ServerConfig") -> int:
     budget = config.max_memory_gb * 1e9 if config.max_memory_gb is not None else default_budget(config.device)
     dtype = config.device.dtype
     return blocks_for_memory(budget, block_bytes(source.config, config.quant, dtype),
-                             cache_bytes_per_block(source.config, config.cache_tokens, dtype),
+                             cache_bytes_per_block(source.config, config.cache_tokens, dtype, config.max_length),
                              work_bytes(source.config, config.max_length, dtype), source.num_blocks)
 
 

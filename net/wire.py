@@ -13,7 +13,7 @@ from typing import Any, AsyncContextManager, Protocol
 import msgpack
 import trio
 
-from ..model.errors import (BadRequest, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
+from ..model.errors import (BadRequest, CacheTrimmed, MaxLengthExceeded, MeshError, ModelLoadError, ModelNotFound,
                             SpanOutOfRange, UnsupportedArchitecture)
 
 __all__ = ["PROTOCOL_VERSION", "ByteStream", "FrameBudget", "TrioByteStream", "protocol_id", "WireError", "FrameTooLarge",
@@ -127,6 +127,7 @@ ERRORS: dict[str, type[MeshError]] = {
     "bad_request": BadRequest,
     "not_allowed": NotAllowed,
     "max_length": MaxLengthExceeded,
+    "cache_trimmed": CacheTrimmed,
     "too_large": FrameTooLarge,
     "timeout": FrameTimeout,
     "closed": StreamClosed,

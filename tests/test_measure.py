@@ -33,3 +33,22 @@ def test_measure_block_and_cache(tmp_path):
 
     # K and V of 1000 tokens, 2 KV heads of 16 values, 4 bytes each
     assert cache_bytes_per_block(config, 1000, torch.float32) == 2 * 1000 * 2 * 16 * 4
+
+
+def test_windowed_blocks_count_their_window_of_each_session():
+    """Gemma 3's layout: 5 sliding-window layers (window 1024) in 6. Sessions of 4096 tokens: a windowed
+    layer holds 1024 - 1 + the rollback slack of each; a global one all 4096; a config without a window or
+    sessions of unknown length count every token."""
+    from transformers import Gemma3TextConfig
+
+    from mesh.model.compat import ROLLBACK_SLACK
+
+    types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(12)]
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=1024,
+                              layer_types=types)
+    every = cache_bytes_per_block(config, 32768, torch.bfloat16)
+    assert every == 2 * 32768 * 2 * 16 * 2
+    share = (1023 + ROLLBACK_SLACK) / 4096
+    assert cache_bytes_per_block(config, 32768, torch.bfloat16, 4096) == every * (1 + 5 * share) / 6
+    assert cache_bytes_per_block(config, 32768, torch.bfloat16, 512) == every  # sessions within the window

@@ -208,3 +208,32 @@ async def test_backward_on_a_kept_graph_equals_a_recomputed_one(tiny_dirs):
         assert torch.equal(out, await remote_forward(client, info, 1, 5, x, pos))
         assert torch.allclose(kept.hidden, fresh.hidden, atol=1e-6)
         assert server.training.backwards == 2
+
+
+async def test_a_rewind_past_a_windowed_cache_is_replayed_on_the_same_server(tiny_dirs, monkeypatch):
+    """Gemma 2's windowed layers (window 4, slack 2 here) keep 5 tokens: a step 15 positions back gets the
+    typed refusal, and the client rebuilds the hop on that same server from its history, banning no one.
+    The output equals the span's on the same tokens."""
+    from mesh.model import compat
+    from mesh.net.chain import ChainConfig
+    from mesh.net.inference import open_inference_session
+    from mesh.net.latency import RttTracker
+    from mesh.net.swarm import SwarmTable
+
+    monkeypatch.setattr(compat, "ROLLBACK_SLACK", 2)
+    folder = tiny_dirs["gemma2"]
+    async with server_and_client(folder, blocks="0:6") as (server, client, info):
+        table = SwarmTable()
+        table.update(info)
+        cfg = ChainConfig(client, table, RttTracker(client), info.model_id, 6, max_length=32)
+        x, pos = inputs(batch=1, length=20)
+        async with open_inference_session(cfg) as session:
+            await session.step(x[:, :12], pos[:, :12], None, 0)
+            for t in range(12, 20):
+                await session.step(x[:, t:t + 1], pos[:, t:t + 1], None, t)
+            got = await session.step(x[:, 5:8], pos[:, 5:8], None, 5)
+            assert session.recoveries == 1 and not cfg.bans.banned()
+            assert [h.peer_id for h in session.route] == [info.peer_id]
+        with torch.no_grad():
+            ref = load_span(folder, server.source.config, 0, 6)(x[:, :8], pos[:, :8])[:, 5:8]
+        assert torch.allclose(got, ref, atol=1e-5)

@@ -6,14 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from mesh.model.errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
+from mesh.model import compat
+from mesh.model.errors import BadRequest, CacheTrimmed, MaxLengthExceeded, SpanOutOfRange
 from mesh.model.generation import Generator, LocalSpans, SamplingConfig
 from mesh.model.head import load_head
 from mesh.model.sources import resolve_model
 from mesh.model.span import load_span
 from mesh.model.weights import Checkpoint
 
-from conftest import TINY_KINDS
+from conftest import SLIDING_WINDOW, TINY_KINDS
 
 TOL = 1e-5
 
@@ -114,6 +115,29 @@ def greedy_matches(source, model, new_tokens: int, batch: int = 1):
 def test_tiny_greedy_generate_identical(tiny_dirs, kind):
     source = resolve_model(str(tiny_dirs[kind]))
     greedy_matches(source, reference(source), 64, batch=2)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3"])
+def test_windowed_layers_keep_only_their_window(tiny_dirs, kind, monkeypatch):
+    """With 2 tokens of rollback slack, a sliding-window layer (window 4) keeps 5 tokens, a global layer all
+    of them; greedy tokens still equal transformers' over 40 decode steps with padding, and a rollback
+    within the slack works while a deeper one is refused before anything changes."""
+    monkeypatch.setattr(compat, "ROLLBACK_SLACK", 2)
+    source = resolve_model(str(tiny_dirs[kind]))
+    greedy_matches(source, reference(source), 40, batch=2)
+    span = load_span(source.path, source.config, 0, 6)
+    cache = span.new_cache(1, 64)
+    x = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        span(x[:, :20], torch.arange(20)[None], cache)
+        kept = {compat.layer_type(source.config, i): layer.keys.shape[-2] for i, layer in enumerate(cache.kv.layers)}
+        assert kept.get(compat.SLIDING) == SLIDING_WINDOW - 1 + 2 and kept.get(compat.FULL, 20) == 20
+        ahead = span(x[:, 20:22], torch.arange(20, 22)[None], cache)
+        cache.rollback(20)  # two tokens: within the slack
+        assert torch.equal(span(x[:, 20:22], torch.arange(20, 22)[None], cache), ahead)
+        with pytest.raises(CacheTrimmed):
+            cache.rollback(10)
+        assert cache.length == 22 and all(layer.get_seq_length() == 22 for layer in cache.kv.layers)
 
 
 def test_multimodal_gemma3_serves_its_text_part(tmp_path):
