@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import PretrainedConfig
 
 from ..model.data import Dataset, collate, epoch_order, load_jsonl
 from ..model.device import Device
 from ..model.errors import BadRequest
 from ..model.head import load_tokenizer
 from ..model.sources import resolve_model
-from ..model.lora import DEFAULT_TARGETS, LoraSpec
+from ..model.lora import DEFAULT_TARGETS, LoraSpec, default_targets
 from .tuning import Adapter, LocalRunner, SwarmRunner, TuningConfig, adapted_logits, lm_loss
 
 __all__ = ["FinetuneConfig", "Progress", "Result", "Backend", "evaluate", "run_finetune"]
@@ -58,7 +59,7 @@ class FinetuneConfig:
     num_prompts: int = 16
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_targets: Sequence[str] = DEFAULT_TARGETS
+    lora_targets: Sequence[str] = ()  # empty: the family's default (lora.default_targets)
     skip_bad: bool = False
     local: bool = False
     initial_peers: list[str] = field(default_factory=list)
@@ -71,9 +72,11 @@ class FinetuneConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else {"lora": 2e-3}.get(self.method, 1e-1)
 
-    def tuning(self) -> TuningConfig:
-        return TuningConfig(self.method, self.num_prompts,
-                            LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)))
+    def tuning(self, config: PretrainedConfig | None = None) -> TuningConfig:
+        """The adapter to train; without `lora_targets`, the projections the family of `config` adapts by
+        default (q_proj and v_proj until the config is known)."""
+        targets = tuple(self.lora_targets) or (default_targets(config) if config is not None else DEFAULT_TARGETS)
+        return TuningConfig(self.method, self.num_prompts, LoraSpec(self.lora_rank, self.lora_alpha, targets))
 
 
 @dataclass
@@ -206,7 +209,7 @@ def _check(cfg: FinetuneConfig) -> tuple[int, Dataset, Dataset | None]:
 
 def _start(cfg: FinetuneConfig, backend: Backend) -> tuple[Adapter, torch.optim.Optimizer, _Position]:
     """A new adapter (initialised from the seed) and optimizer, or the checkpoint's with --resume."""
-    tuning = cfg.tuning()
+    tuning = cfg.tuning(backend.config)
     g = torch.Generator().manual_seed(cfg.seed)
     init = None
     if tuning.method != "lora":

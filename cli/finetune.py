@@ -32,7 +32,9 @@ def finetune(
     num_prompts: int = typer.Option(16, min=1, help="Virtual tokens for prompt methods."),
     lora_rank: int = typer.Option(8, min=1),
     lora_alpha: float = typer.Option(16.0),
-    lora_targets: str = typer.Option("q_proj,v_proj", help="Comma-separated projections to adapt."),
+    lora_targets: str = typer.Option("", help="Comma-separated projections to adapt (default: the family's: "
+                                              "q_proj,v_proj; query_key_value for BLOOM and Falcon; qkv_proj "
+                                              "for Phi-3)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad rows (counted) instead of stopping."),
     local: bool = typer.Option(False, "--local", help="Run every block on this machine (a reference run)."),
     initial_peers: list[str] = initial_peers_option(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,6 +62,12 @@ def test_default_targets_follow_the_family():
     assert default_targets(make_tiny("llama", layers=1).config) == DEFAULT_TARGETS
     assert default_targets(make_tiny("bloom", layers=1).config) == ("query_key_value",)
     assert default_targets(make_tiny("phi3", layers=1).config) == ("qkv_proj",)
+    # `mesh finetune` without --lora-targets adapts the family's default
+    from mesh.api.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(data=Path("data.jsonl"), model="falcon")
+    assert cfg.tuning(make_tiny("falcon", layers=1).config).lora.targets == ("query_key_value",)
+    assert FinetuneConfig(data=Path("d"), model="m", lora_targets=["o_proj"]).tuning(None).lora.targets == ("o_proj",)
 
 
 def test_span_backward_returns_lora_and_prompt_gradients():
