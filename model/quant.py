@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import BadRequest
 
-__all__ = ["check_quant", "resolve_quant", "quantize_linears", "quantizer", "tensor_bytes", "bytes_per_block"]
+__all__ = ["check_quant", "resolve_quant", "is_fused_experts", "LinearExperts", "quantize_linears", "quantizer", "tensor_bytes", "bytes_per_block"]
 
 QUANT_MODES = ("none", "int8", "nf4")
 ON_DEVICE = {"cpu": QUANT_MODES, "cuda": QUANT_MODES, "mps": ("none", "nf4")}  # what bitsandbytes runs where
@@ -50,9 +50,43 @@ def resolve_quant(mode: str, device: torch.device, fits_unquantized: bool) -> st
     return "nf4" if device.type == "cuda" and not fits_unquantized else "none"
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts layer's experts stored as stacked 3-D weights (Mixtral's in transformers 5)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+
+
+class LinearExperts(nn.Module):
+    """Fused experts as one pair of nn.Linear per expert, so that bitsandbytes quantizes them like any
+    projection (an expert holds most of a MoE block's weights). Same call and result as the fused module:
+    each token's hidden state through its top-k experts, weighted by the router."""
+
+    def __init__(self, fused: nn.Module) -> None:
+        super().__init__()
+        experts, double, hidden = fused.gate_up_proj.shape
+        self.act_fn = fused.act_fn
+        self.gate_up = nn.ModuleList(nn.Linear(hidden, double, bias=False) for _ in range(experts))
+        self.down = nn.ModuleList(nn.Linear(double // 2, hidden, bias=False) for _ in range(experts))
+        with torch.no_grad():
+            for e in range(experts):
+                self.gate_up[e].weight = nn.Parameter(fused.gate_up_proj.data[e], requires_grad=False)
+                self.down[e].weight = nn.Parameter(fused.down_proj.data[e], requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            gate, up = self.gate_up[e](hidden_states[token]).chunk(2, dim=-1)
+            y = self.down[e](self.act_fn(gate) * up) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
 def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype,
                      device: torch.device | str = "cpu") -> nn.Module:
-    """Replace every nn.Linear inside host `module` by its bitsandbytes counterpart, quantized onto `device`."""
+    """Replace every nn.Linear inside host `module` by its bitsandbytes counterpart, quantized onto `device`
+    (fused experts are split into linears first)."""
     if mode == "none":
         return module
     import bitsandbytes as bnb
@@ -60,6 +94,9 @@ def quantize_linears(module: nn.Module, mode: str, compute_dtype: torch.dtype,
     # LLM.int8 logs a cast warning on every call with fp32 inputs; the cast is intended.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     for name, child in list(module.named_children()):
+        if is_fused_experts(child):
+            child = LinearExperts(child)
+            setattr(module, name, child)
         if isinstance(child, nn.Linear):
             w = child.weight.data.to(torch.float32)
             bias = child.bias

@@ -18,6 +18,7 @@ from . import compat
 from .errors import BadRequest, MaxLengthExceeded, SpanOutOfRange
 from .lora import LoraWeights
 from .lora import applied as lora_applied
+from .quant import is_fused_experts
 from .weights import Checkpoint, Fetch, read_block
 
 __all__ = ["SpanCache", "SpanGrads", "Graph", "Span", "check_range", "load_span", "span_from_model",
@@ -254,4 +255,5 @@ def block_params(config: PretrainedConfig) -> tuple[int, int]:
     with torch.device("meta"):
         layer = compat.build_layer(family, compat.ensure_attention(config), 0)
     linear = sum(p.numel() for m in layer.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    linear += sum(m.gate_up_proj.numel() + m.down_proj.numel() for m in layer.modules() if is_fused_experts(m))
     return linear, sum(p.numel() for p in layer.parameters()) - linear

@@ -46,6 +46,27 @@ def test_int8_spans_keep_a_graph_through_in_place_additions(tiny_dirs):
     assert rel(got, ref) < BOUNDS[("int8", torch.float32)]
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_mixtral_experts_are_quantized_too(tiny_dirs, mode):
+    """A MoE block's experts (most of its weights) are split into linears and quantized with the rest: the
+    span shrinks as its linear share says, and its output stays within the mode's bound."""
+    from mesh.model.measure import block_bytes
+    from mesh.model.quant import LinearExperts, is_fused_experts
+    from mesh.model.sources import resolve_model
+
+    source = resolve_model(str(tiny_dirs["mixtral"]))
+    x, pos = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)), torch.arange(9).expand(2, 9)
+    full = load_span(source.path, source.config, 0, 6)
+    span = load_span(source.path, source.config, 0, 6, torch.float32, quantizer(mode, torch.float32))
+    assert not any(is_fused_experts(m) for m in span.modules())
+    assert sum(isinstance(m, LinearExperts) for m in span.modules()) == 6
+    with torch.no_grad():
+        assert rel(span(x, pos), full(x, pos)) < BOUNDS[(mode, torch.float32)]
+    linear, other = block_params(source.config)
+    assert linear > 2 * other  # the experts count as linear weights
+    assert tensor_bytes(span) < 1.1 * 6 * block_bytes(source.config, mode, torch.float32)
+
+
 @pytest.mark.slow
 def test_smollm2_span_error_and_memory_per_mode(smollm2):
     from mesh.model.head import load_head, load_tokenizer
