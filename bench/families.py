@@ -15,11 +15,7 @@ block at batch sizes 1 to 256 tokens, and how many experts a batch touches. A ba
 experts' weights; a batch of 16 tokens already touches nearly all 8, so batching a MoE block gains less
 than batching a dense one.
 
-Last, what `--blocks auto` sizes for the real models (configs with their published sizes, weights
-counted on the meta device as a server counts them, no download): one block's parameters, its weights
-at bfloat16 and nf4, its share of the default cache budget (32768 tokens of 4096-token sessions,
-bfloat16) with sliding-window layers trimmed to their window and counting every token, and the blocks
-a 24 GB GPU holds at nf4 either way.
+What `--blocks auto` sizes for each family's published models: bench/memory.py.
 
     .venv/bin/python bench/families.py [--repeats 5]
 """
@@ -130,53 +126,6 @@ def moe_against_dense(repeats: int) -> None:
               f" {touched:>13} / 8")
 
 
-def published() -> dict[str, object]:
-    """Configs of the real models with their published sizes (vocabulary left small: blocks only)."""
-    gemma3_types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(62)]
-    return {
-        "Llama 3.1 70B": tf.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                        num_attention_heads=64, num_key_value_heads=8),
-        "Mixtral 8x7B": tf.MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                                         num_experts_per_tok=2, sliding_window=None),
-        "Qwen2.5 72B": tf.Qwen2Config(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                                      num_attention_heads=64, num_key_value_heads=8),
-        "Gemma 2 27B": tf.Gemma2Config(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
-                                       num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                                       sliding_window=4096),
-        "Gemma 3 27B": tf.Gemma3TextConfig(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
-                                           num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                                           sliding_window=1024, layer_types=gemma3_types),
-        "Phi-3 medium": tf.Phi3Config(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
-                                      num_attention_heads=40, num_key_value_heads=10),
-        "Falcon 40B": tf.FalconConfig(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
-                                      num_kv_heads=8, new_decoder_architecture=True, parallel_attn=True,
-                                      alibi=False, bias=False),
-    }
-
-
-def placement() -> None:
-    from mesh.balancing.placement import blocks_for_memory
-    from mesh.model.measure import block_bytes, cache_bytes_per_block, work_bytes
-    from mesh.model.span import block_params
-    from mesh.net import defaults
-
-    budget, tokens, length, bf16 = 24e9, defaults.CACHE_TOKENS, defaults.MAX_LENGTH, torch.bfloat16
-    print(f"\n--blocks auto on a 24 GB GPU at nf4; cache budget {tokens} tokens of {length}-token sessions")
-    print(f"{'model':<14} {'M params':>9} {'bf16 GB':>8} {'nf4 GB':>7} {'cache GB':>9} {'all tokens':>11} "
-          f"{'blocks':>7} {'(all tokens)':>13}")
-    for name, config in published().items():
-        linear, other = block_params(config)
-        nf4 = block_bytes(config, "nf4", bf16)
-        cache, every = cache_bytes_per_block(config, tokens, bf16, length), cache_bytes_per_block(config, tokens, bf16)
-        work = work_bytes(config, length, bf16)
-        fit = blocks_for_memory(budget, nf4, cache, work, config.num_hidden_layers)
-        fit_every = blocks_for_memory(budget, nf4, every, work, config.num_hidden_layers)
-        print(f"{name:<14} {(linear + other) / 1e6:>9.0f} {block_bytes(config, 'none', bf16) / 1e9:>8.2f} "
-              f"{nf4 / 1e9:>7.2f} {cache / 1e9:>9.3f} {every / 1e9:>11.3f} {fit:>4} / {config.num_hidden_layers:<3}"
-              f" {fit_every:>9}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -193,7 +142,6 @@ def main() -> None:
         print(f"{kind:<10} {dm:>12.0f} {dt:>13.0f} {dm / dt:>6.2f} {pm:>13.0f} {pt:>13.0f} {pm / pt:>6.2f}")
     print(f"lowest ratio: {worst:.2f} (target ≥ 0.9)")
     moe_against_dense(args.repeats)
-    placement()
 
 
 if __name__ == "__main__":
