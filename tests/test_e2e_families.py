@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import pytest
 import torch
@@ -78,15 +77,17 @@ def swarms(tiny_dirs, tmp_path_factory):
 def clients(swarms):
     """An exact (float32, unquantized) client per family; the spare is held back until the kill."""
     held_back = {swarms.peer(k, "spare") for k in FAMILIES}
-    with ExitStack() as stack:
-        models = {}
+    models = {}
+    try:
         for kind in FAMILIES:
-            model = stack.enter_context(DistributedModelForCausalLM.from_pretrained(
-                str(swarms.dirs[kind]), [swarms.boot[kind]], exact=True, route_wait=30.0, verify=0.0))
+            model = models[kind] = DistributedModelForCausalLM.from_pretrained(
+                str(swarms.dirs[kind]), [swarms.boot[kind]], exact=True, route_wait=30.0, verify=0.0)
             model.accept = lambda s: is_exact(s) and s.peer_id not in held_back
             assert model.client.call(lambda: wait_for_servers(model, 5))
-            models[kind] = model
         yield models, held_back
+    finally:
+        with ThreadPoolExecutor(len(FAMILIES)) as pool:  # a client node takes a moment to close: all at once
+            list(pool.map(lambda m: m.close(), models.values()))
 
 
 def reference(folder, ids):
