@@ -40,14 +40,6 @@ class Family:
     positions: str  # the entry's position rule for this config
 
     @property
-    def name(self) -> str:
-        return self.spec.model_type
-
-    @property
-    def model_type(self) -> str:
-        return self.spec.model_type
-
-    @property
     def layer_prefixes(self) -> tuple[str, ...]:
         return self.spec.layer_prefixes
 
