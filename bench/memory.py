@@ -4,8 +4,8 @@ Each model's block is built from its published config (the numbers below, copied
 hub) on the meta device, so nothing is downloaded; the count is the server's own `blocks_that_fit` rule:
 weights at the served width (a MoE block's experts included), plus each block's share of the default
 attention-cache budget (32768 tokens of 4096-token sessions; a sliding-window block holds its window and
-the rollback slack of each), after a reserve for one 4096-token request. A 24 GB and an 80 GB card are taken as 23 and 79 GiB usable
-(the CUDA context and the allocator keep about a GiB).
+the rollback slack of each), after a reserve for one 4096-token request. A 24 GB and an 80 GB card are
+taken as 23 and 79 GiB usable (the CUDA context and the allocator keep about a GiB).
 
     .venv/bin/python bench/memory.py
 """
@@ -98,8 +98,10 @@ def main() -> None:
             continue
         kept, every = (cache_bytes_per_block(config, defaults.CACHE_TOKENS, torch.bfloat16, length) / 1e9
                        for length in (defaults.MAX_LENGTH, None))
-        weights, work = block_bytes(config, "nf4", torch.bfloat16), work_bytes(config, defaults.MAX_LENGTH, torch.bfloat16)
-        fits = [blocks_for_memory(CARDS["24 GB"], weights, c * 1e9, work, config.num_hidden_layers) for c in (kept, every)]
+        weights = block_bytes(config, "nf4", torch.bfloat16)
+        work = work_bytes(config, defaults.MAX_LENGTH, torch.bfloat16)
+        fits = [blocks_for_memory(CARDS["24 GB"], weights, c * 1e9, work, config.num_hidden_layers)
+                for c in (kept, every)]
         print(f"- {name}: {kept:.3f} / {every:.3f} GB; {fits[0]} / {fits[1]} blocks")
 
 

@@ -24,8 +24,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .errors import CacheTrimmed, UnsupportedArchitecture
 from .families import FamilySpec, HeadLayout, spec_for, supported_types, wrapping
 
-__all__ = ["Family", "family_of", "layer_type", "build_layer", "WindowLayer", "new_kv_cache", "kv_length", "kv_crop",
-           "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
+__all__ = ["Family", "family_of", "layer_type", "build_layer", "WindowLayer", "new_kv_cache", "kv_length",
+           "kv_crop", "lm_logits_with_cache", "LayerRunner", "load_config", "ensure_attention"]
 
 TESTED_TRANSFORMERS = (">=5.20", "<5.40")
 
@@ -141,8 +141,9 @@ def new_kv_cache(config: PretrainedConfig, end: int | None = None) -> DynamicCac
     cache = DynamicCache()
     window = getattr(config, "sliding_window", None)
     if end is not None:
-        cache.layers = [WindowLayer(window, ROLLBACK_SLACK) if window and layer_type(config, i) == SLIDING else DynamicLayer()
-                        for i in range(end)]  # empty slots before a span's first layer cost nothing
+        # empty slots before a span's first layer cost nothing
+        cache.layers = [WindowLayer(window, ROLLBACK_SLACK) if window and layer_type(config, i) == SLIDING
+                        else DynamicLayer() for i in range(end)]
     return cache
 
 
@@ -203,7 +204,8 @@ class LayerRunner:
     position tables of its kind.
     """
 
-    def __init__(self, family: Family, config: PretrainedConfig, first_layer: int, end_layer: int | None = None) -> None:
+    def __init__(self, family: Family, config: PretrainedConfig, first_layer: int,
+                 end_layer: int | None = None) -> None:
         self.family = family
         self.config = config
         self.first_layer = first_layer

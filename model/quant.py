@@ -24,7 +24,8 @@ from torch import nn
 
 from .errors import BadRequest
 
-__all__ = ["check_quant", "resolve_quant", "is_fused_experts", "LinearExperts", "quantize_linears", "quantizer", "tensor_bytes", "bytes_per_block"]
+__all__ = ["check_quant", "resolve_quant", "is_fused_experts", "LinearExperts", "quantize_linears", "quantizer",
+           "tensor_bytes", "bytes_per_block"]
 
 QUANT_MODES = ("none", "int8", "nf4")
 ON_DEVICE = {"cpu": QUANT_MODES, "cuda": QUANT_MODES, "mps": ("none", "nf4")}  # what bitsandbytes runs where

@@ -1,8 +1,8 @@
 """Several mesh servers in one process: `python multiserve.py SPEC…`, SPEC = LABEL=FOLDER@START:END@QUANT[@PEER].
 
 Each server is the product's own `run_server` with its own libp2p host on loopback, as `mesh serve` runs
-it; they share the process (one SIGKILL takes them all down at once) and one throughput measurement. The family tests use it to
-give nine models a swarm each at the cost of a few processes. Prints, per server,
+it; they share the process (one SIGKILL takes them all down at once) and one throughput measurement. The
+family tests use it to give nine models a swarm each at the cost of a few processes. Prints, per server,
 `mesh: LABEL listening on ADDR` and `mesh: LABEL serving blocks START:END`.
 """
 
