@@ -16,6 +16,7 @@ from mesh.model.sources import WELL_KNOWN, resolve_model
 from mesh.model.span import load_span
 
 from conftest import make_tiny
+from ggufwrite import ARCHITECTURES as GGUF_ARCHITECTURES
 
 MESH = [sys.executable, "-m", "mesh.cli"]
 
@@ -69,6 +70,50 @@ def test_well_known_names_map_to_hub_repos():
         resolve_model("llama-2-70b")  # offline here: must fail fast and name the repository
     assert time.monotonic() - started < 30
     assert "meta-llama/Llama-2-70b-hf" in err.value.one_line()
+
+
+def gguf_model(arch: str):
+    """A tiny model of `arch` whose config a GGUF file carries whole (Qwen3's head size and Gemma 3's layer
+    pattern are not in transformers' GGUF mapping: their defaults are used)."""
+    import transformers as tf
+
+    if arch == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=6, num_attention_heads=4,
+                                                  num_key_value_heads=2)).eval()
+    if arch == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                        num_hidden_layers=6, num_attention_heads=4,
+                                                        num_key_value_heads=2, head_dim=16,
+                                                        sliding_window=4)).eval()
+    return make_tiny(arch)
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer():
+    from ggufwrite import tokenizer_metadata
+    from mesh.model.sources import _smollm2_gguf
+
+    return tokenizer_metadata(_smollm2_gguf(), 128)
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHITECTURES)
+def test_a_gguf_file_of_each_family_serves_the_same_model(arch, gguf_tokenizer, tmp_path):
+    """Written as llama.cpp lays the family out, converted once by `resolve_model`, read back by mesh's head
+    and span: the logits equal the original model's (SmolLM2 covers Llama)."""
+    from ggufwrite import write_gguf
+    from mesh.model.head import load_head
+
+    torch.manual_seed(0)
+    model = gguf_model(arch)
+    path = write_gguf(model, arch, tmp_path / f"{arch}.gguf", gguf_tokenizer)
+    source = resolve_model(str(path), cache_dir=tmp_path / "cache", progress=False)
+    assert (tmp_path / "cache" / "models").is_dir() and source.config.model_type.startswith(arch)
+    head, span = load_head(source), load_span(source.path, source.config, 0, source.num_blocks)
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = head.logits(span(head.embed(ids), torch.arange(12).expand(2, 12)))
+        assert torch.allclose(ours, model(ids).logits, atol=1e-5)
 
 
 def test_errors_are_typed(tmp_path):
