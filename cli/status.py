@@ -152,14 +152,16 @@ def _render(report: dict):
         return Text("no servers found", style="yellow")
     for m in report["models"]:
         table = Table(title=f"{m['model_id']} ({m['num_blocks']} blocks)", title_justify="left")
-        for col in ("name", "peer", "blocks", "state", "tok/s/block", "free cache", "rtt ms", "device", "dtype",
-                    "version", "relayed", "adapters"):
+        for col in ("name", "peer", "blocks", "state", "tok/s/block", "sessions", "batch", "free cache", "rtt ms",
+                    "device", "dtype", "version", "relayed", "adapters"):
             table.add_column(col)
         for s in m["servers"]:
             rtt = f"{s['rtt'] * 1000:.1f}" if s.get("rtt") is not None else "-"
             state = s["state"] + (" [bold red]CAUGHT LYING[/bold red]" if s.get("caught") else "")
             table.add_row(s["public_name"] or "-", short_id(s["peer_id"]), f"{s['start']}:{s['end']}", state,
-                          f"{s['throughput']:.1f}", str(s["cache_tokens_free"]), rtt, s.get("device", "cpu"),
+                          f"{s['throughput']:.1f}", str(s.get("sessions", 0)),
+                          f"{s['batch']:.1f}" if s.get("batch") else "-", str(s["cache_tokens_free"]), rtt,
+                          s.get("device", "cpu"),
                           s["dtype"] + (f"/{s['quant']}" if s.get("quant", "none") != "none" else ""), s["version"],
                           "yes" if s["relayed"] else "no", ", ".join(s.get("adapters") or []) or "-")
         style = "green" if m["covered"] else "red"

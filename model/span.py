@@ -146,15 +146,11 @@ class Span(nn.Module):
         prompts [n_blocks, B or 1, P, H] (deep prompt tuning): added to the first P positions before each block.
         lora: adapters for exactly this span's blocks, applied to their projections for this call.
         """
-        self._check(hidden, position_ids, attention_mask, cache)
+        self.check(hidden, position_ids, attention_mask, cache)
         batch, new = hidden.shape[:2]
         new_mask = (attention_mask.to(self.device, torch.long) if attention_mask is not None
                     else torch.ones(batch, new, dtype=torch.long, device=self.device))
         if cache is not None:
-            if cache.length + new > cache.max_length:
-                raise MaxLengthExceeded(
-                    f"maximum length exceeded: {cache.length} + {new} > {cache.max_length}",
-                    hint="open the session with a larger max_length")
             full_mask = torch.cat([cache.mask, new_mask], dim=1)
         else:
             full_mask = new_mask
@@ -197,8 +193,9 @@ class Span(nn.Module):
             out = self.forward(x, position_ids, None, attention_mask, p, adapters)
         return Graph(out, x, p, adapters.tensors() if adapters is not None else None)
 
-    def _check(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None, cache: SpanCache | None) -> None:
+    def check(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None, cache: SpanCache | None) -> None:
+        """Refuse a step this span cannot take (BadRequest, MaxLengthExceeded), before it changes anything."""
         if hidden.dim() != 3 or hidden.shape[2] != self.hidden_size:
             raise BadRequest(f"hidden states must be [batch, tokens, {self.hidden_size}], "
                              f"got {list(hidden.shape)}")
@@ -209,6 +206,9 @@ class Span(nn.Module):
                              f"got {list(attention_mask.shape)}")
         if cache is not None and hidden.shape[0] != cache.batch_size:
             raise BadRequest(f"batch {hidden.shape[0]} does not match the session's {cache.batch_size}")
+        if cache is not None and cache.length + hidden.shape[1] > cache.max_length:
+            raise MaxLengthExceeded(f"maximum length exceeded: {cache.length} + {hidden.shape[1]} > "
+                                    f"{cache.max_length}", hint="open the session with a larger max_length")
 
 
 def check_range(config: PretrainedConfig, start: int, end: int) -> None:

@@ -56,6 +56,8 @@ class ServerInfo:
     forward_rps: float = 0.0  # tokens/s of one block on long sequences
     network_rps: float = 0.0  # hidden states/s its link carries
     cache_tokens_free: int = 0
+    sessions: int = 0  # inference sessions open on it
+    batch: float = 0.0  # rows its recent passes carried, on average (continuous batching; 0: no pass yet)
     dtype: str = "float32"
     device: str = "cpu"  # the GPU's name, "mps" or "cpu"
     quant: str = "none"
@@ -159,7 +161,8 @@ _CHECKS = {
     "peer_id": _string(128, empty=False), "model_id": _string(256, empty=False),
     "start": _integer(0, MAX_BLOCK), "end": _integer(1, MAX_BLOCK), "state": _state,
     "addrs": _strings(16, 512), "throughput": _rate, "inference_rps": _rate, "forward_rps": _rate,
-    "network_rps": _rate, "cache_tokens_free": _integer(0, 1 << 40), "dtype": _string(32), "device": _string(64),
+    "network_rps": _rate, "cache_tokens_free": _integer(0, 1 << 40),
+    "sessions": _integer(0, 1 << 20), "batch": _number(0.0, 1024.0, clamp=True), "dtype": _string(32), "device": _string(64),
     "quant": _string(32),
     "version": _string(32), "public_name": _string(64), "relayed": _boolean, "next_pings": _pings,
     "adapters": _strings(64, 200), "total_blocks": _integer(0, MAX_BLOCK),

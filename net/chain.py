@@ -104,9 +104,12 @@ class Measured:
 def candidates(servers: list[ServerInfo], throughput: bool = False, measured: Measured | None = None
                ) -> list[Candidate]:
     """Routing's view of servers: per-block decode rates (latency), or announced throughput (load), each
-    divided by how much slower than announced the server has answered this client."""
+    divided by how much slower than announced the server has answered this client. A decode rate is also
+    divided by the server's load: a step waits for the pass it rides in, and a pass carries about `batch`
+    of its `sessions` (the others wait for the next), so with n sessions a step takes 1 + n / batch times
+    as long as on an idle server."""
     def rate(s: ServerInfo) -> float:
-        announced = (s.throughput if throughput else s.inference_rps) or 1.0
+        announced = (s.throughput if throughput else s.inference_rps / (1 + s.sessions / max(s.batch, 1.0))) or 1.0
         return announced / (measured.factor(s.peer_id) if measured is not None else 1.0)
 
     return [Candidate(s.peer_id, s.start, s.end, rate(s), dict(s.next_pings), s.relayed) for s in servers]

@@ -15,8 +15,8 @@ A decoding client sends its next step a few milliseconds after the previous one'
 flooding peer would have started its next chunk, and each decode step would wait for a whole chunk. So
 after a short step of a peer that has used no more than its share, the lane waits up to `ANTICIPATE` for
 that peer's next step before turning to others: a decoding peer gets its half of the lane against any
-flood, and others lose at most `ANTICIPATE` per such step. Batching concurrent sessions will replace the
-inside of `run`, not its callers.
+flood, and others lose at most `ANTICIPATE` per such step. Short steps of several sessions share one turn
+(`net/batching.py`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class ComputeLane:
         """`fn()` in the lane on behalf of `peer`; on the event loop when `tokens` is given and small, else
         in a thread. `Busy` if the peer already has its quota of tokens waiting."""
         return await self._in_turn(peer, tokens or 0, lambda: (fn, tokens))
+
+    async def run_sized(self, work: Callable[[], tuple[Callable[[], T], int | None]], tokens: int, peer: str) -> T:
+        """Like `run`, but what runs is decided when the lane turns to `peer`: `work()` returns the function
+        and its size in tokens (None: in a thread; batching takes every step queued by then)."""
+        return await self._in_turn(peer, tokens, work)
 
     async def run_chunk(self, fn: Callable[[int], T], remaining: int, batch: int, peer: str) -> tuple[T, int]:
         """The next part of a long step: `fn(n)` computes its next n of `remaining` positions (each `batch`

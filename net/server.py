@@ -264,6 +264,7 @@ class Server:
             peer_id=self.node.peer_id, model_id=self.source.model_id, start=self.blocks[0], end=self.blocks[1],
             state=self.state, throughput=self.throughput, inference_rps=m.inference_rps,
             forward_rps=m.forward_rps, network_rps=m.network_rps, cache_tokens_free=self.sessions.budget.free,
+            sessions=len(self.sessions), batch=round(self.sessions.batcher.stats.recent, 2),
             dtype=self.config.device.dtype_name, device=self.config.device.name, quant=self.config.quant,
             version=__version__,
             public_name=self.config.public_name, total_blocks=self.source.num_blocks,

@@ -31,10 +31,12 @@ import trio
 
 from ..model.errors import BadRequest, MeshError
 from ..model.lora import LoraWeights
+from ..model.batch import Row
 from ..model.span import Span, SpanCache
 from . import wire
 from .codec import check_compression
 from .commitments import Commitment, as_received
+from .batching import Batcher
 from .lane import ComputeLane
 from .messages import (CloseSession, History, HistoryRequest, Message, NextHop, OpenSession, Predecessor,
                        Relink, SessionOpened, Step, StepResult)
@@ -106,6 +108,7 @@ class Sessions:
         self.peer_cache = PeerLedger("cache tokens", max(max_length, quotas.peer_cache_share * cache_tokens))
         self.peer_sessions = PeerLedger("open sessions", quotas.sessions_per_peer)
         self.on_change = on_change  # the free cache changed: announce soon
+        self.batcher = Batcher(lane)
         self._open: dict[str, ServerSession] = {}
 
     def __len__(self) -> int:
@@ -175,6 +178,10 @@ class Sessions:
         if batch * new > self.quotas.step_tokens:
             raise BadRequest(f"Step.hidden: {batch} × {new} tokens; at most {self.quotas.step_tokens} per step")
         cache.start_at(step.position)  # steps of a session come one at a time: its cache is its own
+        if self.batcher.takes(new, step.prompts is not None):  # may share a pass with other sessions' steps
+            span.check(step.hidden, step.position_ids, step.attention_mask, cache)
+            return await self.batcher.run(span, Row(cache, step.hidden, step.position_ids, step.attention_mask),
+                                          lora, peer)
         outputs, a = [], 0
         while a < new or not outputs:
             out, n = await self.lane.run_chunk(lambda n: _run_chunk(span, cache, step, a, a + n, lora),

@@ -187,6 +187,21 @@ async def test_a_training_route_takes_only_servers_the_client_accepts():
             assert [h.peer_id for h in await blocks._route(0, 4)] == ["exact"]
 
 
+def test_routing_counts_each_servers_load():
+    """Two servers of equal speed: the one with 8 open sessions in passes of 2 rows (a step takes 5× an idle
+    one's) loses to the one with a single session."""
+    from mesh.balancing.routing import min_latency_chain
+    from mesh.net.chain import candidates
+
+    busy = ServerInfo("busy", "m", 0, 4, ServerState.ONLINE, inference_rps=100.0, sessions=8, batch=2.0)
+    calm = ServerInfo("calm", "m", 0, 4, ServerState.ONLINE, inference_rps=100.0, sessions=1, batch=1.0)
+    rates = {c.peer_id: c.throughput for c in candidates([busy, calm])}
+    assert rates == {"busy": pytest.approx(20.0), "calm": pytest.approx(50.0)}
+    assert [h.peer_id for h in min_latency_chain(candidates([busy, calm]), 0, 4)] == ["calm"]
+    assert [h.peer_id for h in min_latency_chain(candidates([busy, ServerInfo(**{**vars(calm), "sessions": 30})]),
+                                                 0, 4)] == ["busy"]
+
+
 def test_table_expiry_runs_on_the_local_clock_not_the_announcers():
     """A server whose wall clock is a minute behind (or ahead) is live for its ttl after we hear it;
     an entry learned from a snapshot keeps only what its sender says is left of its life."""

@@ -237,3 +237,33 @@ async def test_a_rewind_past_a_windowed_cache_is_replayed_on_the_same_server(tin
         with torch.no_grad():
             ref = load_span(folder, server.source.config, 0, 6)(x[:, :8], pos[:, :8])[:, 5:8]
         assert torch.allclose(got, ref, atol=1e-5)
+
+
+async def test_concurrent_sessions_keep_their_numbers(tiny_dirs):
+    """Six sessions of different lengths decode at once over libp2p, joining late and leaving early: every
+    output equals the span's on that session alone (tests/test_batching.py forms batches on purpose)."""
+    folder = tiny_dirs["llama"]
+    async with server_and_client(folder, blocks="0:6") as (server, client, info):
+        local = load_span(folder, server.source.config, 0, 6)
+        worst = [0.0]
+
+        async def session(i: int) -> None:
+            await trio.sleep(0.05 * (i % 3))  # some join late
+            x, pos = inputs(batch=1, length=30, seed=i)
+            prompt = 3 + 2 * i
+            cache = local.new_cache(1, 32)
+            async with open_session(client, info, 0, 6, max_length=32) as s:
+                await step(s, x[:, :prompt], pos[:, :prompt], 0)
+                with torch.no_grad():
+                    local(x[:, :prompt], pos[:, :prompt], cache)
+                for t in range(prompt, prompt + 10 + 2 * (i % 3)):  # some leave early
+                    got = await step(s, x[:, t:t + 1], pos[:, t:t + 1], t)
+                    with torch.no_grad():
+                        ref = local(x[:, t:t + 1], pos[:, t:t + 1], cache)
+                    worst[0] = max(worst[0], (got - ref).abs().max().item())
+
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(session, i)
+        assert worst[0] < 1e-5, worst[0]
+        assert server.sessions.batcher.stats.rows > 6 * 10
