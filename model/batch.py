@@ -73,6 +73,9 @@ def batchable(span: Span, rows: list[Row]) -> bool:
 def run_rows(span: Span, rows: list[Row], lora: LoraWeights | None = None) -> list[torch.Tensor]:
     """Each row's output of one pass of `span` over all of them (see `batchable`); every row's cache grows
     by its new tokens, as a solo `span(...)` call would grow it."""
+    if len(rows) == 1:  # nothing to pad
+        r = rows[0]
+        return [span(r.hidden, r.position_ids, r.cache, r.attention_mask, lora=lora)]
     sizes = [r.hidden.shape[0] for r in rows]
     new = rows[0].hidden.shape[1]
     length = max(r.cache.length for r in rows)
