@@ -109,7 +109,8 @@ def candidates(servers: list[ServerInfo], throughput: bool = False, measured: Me
     of its `sessions` (the others wait for the next), so with n sessions a step takes 1 + n / batch times
     as long as on an idle server."""
     def rate(s: ServerInfo) -> float:
-        announced = (s.throughput if throughput else s.inference_rps / (1 + s.sessions / max(s.batch, 1.0))) or 1.0
+        load = 1 + s.sessions / max(s.batch, 1.0)
+        announced = (s.throughput if throughput else s.inference_rps / load) or 1.0
         return announced / (measured.factor(s.peer_id) if measured is not None else 1.0)
 
     return [Candidate(s.peer_id, s.start, s.end, rate(s), dict(s.next_pings), s.relayed) for s in servers]
