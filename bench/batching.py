@@ -1,6 +1,7 @@
 """Concurrent clients on one swarm against transformers' batched `generate` on the same machine, in one run.
 
-First, decode steps of B sessions through one span, one by one and as one batched pass (no network).
+First, decode steps of B sessions through one span, one by one and as one batched pass (no network), and
+two fine-tuning clients' forward and backward passes, one after the other and as one batch.
 Then starts 3 `mesh serve` processes with SmolLM2-135M-Instruct (10 blocks each) on loopback. For N = 1, 2, 4,
 8 and 16 clients, N sessions (each its own thread, as N users would be) decode 32 greedy tokens after
 different prompts at the same time; then plain transformers generates the same N prompts as one
@@ -112,6 +113,35 @@ def span_passes(source, steps: int = 20) -> None:
     print()
 
 
+def training_passes(source, rounds: int = 3) -> None:
+    """Forward and backward of two fine-tuning clients' batches (4 rows × 64 tokens each) through one span:
+    one after the other, and as one batch of 8 rows."""
+    from mesh.model.span import load_span
+
+    span = load_span(source.path, source.config, 0, 10)
+    h = source.config.hidden_size
+    xs = [torch.randn(4, 64, h) for _ in range(2)]
+    pos = torch.arange(64).expand(4, 64)
+
+    def both_alone() -> None:
+        for x in xs:
+            span.backward(x, torch.ones_like(x), pos)
+
+    def together() -> None:
+        x = torch.cat(xs)
+        span.backward(x, torch.ones_like(x), torch.cat([pos, pos]))
+
+    times = {"alone": [], "together": []}
+    for _ in range(rounds):
+        for name, fn in (("alone", both_alone), ("together", together)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    alone, joint = (statistics.median(times[k]) for k in ("alone", "together"))
+    print(f"training: two clients' forward + backward (4 × 64 tokens each) through 10 blocks: {alone * 1e3:.0f} ms "
+          f"one after the other, {joint * 1e3:.0f} ms as one batch (ratio {alone / joint:.2f})\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,2,4,8,16")
@@ -120,6 +150,7 @@ def main() -> None:
     counts = [int(n) for n in args.clients.split(",")]
     source = resolve_model("smollm2")
     span_passes(source)
+    training_passes(source)
     tokenizer = load_tokenizer(source)
     hf = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()
     rows = []
