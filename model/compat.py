@@ -117,15 +117,17 @@ class WindowLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
+    def check_rollback(self, drop: int) -> None:
+        """CacheTrimmed unless the last `drop` tokens can be dropped (an unused slot has nothing to drop)."""
+        if self.cumulative_length and drop > self.kept:
+            raise CacheTrimmed(f"cannot roll back {drop} tokens: a windowed layer keeps its last {self.kept}",
+                               hint="replay the tokens")
+
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a negative count, as transformers' caches take it)."""
         drop = -tokens_to_remove if tokens_to_remove < 0 else self.cumulative_length - tokens_to_remove
-        if self.cumulative_length == 0:  # a slot before the span's first layer
-            return
-        if drop > self.kept:
-            raise CacheTrimmed(f"cannot roll back {drop} tokens: a windowed layer keeps its last {self.kept}",
-                               hint="replay the tokens")
-        if drop > 0:
+        self.check_rollback(drop)
+        if drop > 0 and self.cumulative_length:
             self.keys, self.values = self.keys[:, :, :-drop], self.values[:, :, :-drop]
             self.cumulative_length -= drop
 
@@ -157,11 +159,9 @@ def kv_crop(cache: DynamicCache, tokens_to_remove: int) -> None:
     before changing anything, when a windowed layer no longer holds that many."""
     if tokens_to_remove <= 0:
         return
-    short = [layer.kept for layer in cache.layers
-             if isinstance(layer, WindowLayer) and layer.cumulative_length > layer.kept < tokens_to_remove]
-    if short:
-        raise CacheTrimmed(f"cannot roll back {tokens_to_remove} tokens: a windowed layer keeps its last "
-                           f"{min(short)}", hint="replay the tokens")
+    for layer in cache.layers:
+        if isinstance(layer, WindowLayer):
+            layer.check_rollback(tokens_to_remove)
     cache.crop(-tokens_to_remove)  # only negative counts are accepted in 5.x
 
 

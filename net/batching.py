@@ -110,10 +110,14 @@ class Batcher:
             raise item.error
         return item.out
 
+    def _active(self, now: float) -> int:
+        """Sessions decoding concurrently: those whose last step ran within CONCURRENT."""
+        return sum(1 for t in self._last_step.values() if now - t <= CONCURRENT)
+
     async def _gather(self) -> None:
         """With other sessions decoding, wait up to GATHER for their steps to queue (one pass takes them)."""
         now = trio.current_time()
-        active = sum(1 for t in self._last_step.values() if now - t <= CONCURRENT)
+        active = self._active(now)
         deadline = now + GATHER
         while active >= 2 and len(self._queue) < active and trio.current_time() < deadline:
             with trio.move_on_at(deadline):
@@ -148,9 +152,8 @@ class Batcher:
         now = trio.current_time()
         for it in batch:
             self._last_step[id(it.row.cache)] = now
-        for key in [k for k, t in self._last_step.items() if now - t > CONCURRENT]:
-            del self._last_step[key]
+        self._last_step = {k: t for k, t in self._last_step.items() if now - t <= CONCURRENT}
         # Alone, a short pass runs on the event loop (no thread handoff). With other sessions stepping, it runs
         # in a thread, so that their steps arrive and queue meanwhile and the next pass takes them together.
         tokens = sum(it.row.hidden.shape[0] * it.row.hidden.shape[1] for it in batch)
-        return run, (tokens if len(self._last_step) < 2 else None)
+        return run, (tokens if self._active(now) < 2 else None)
