@@ -61,14 +61,10 @@ class SwarmSession:
             self.generator.check_all = self.check_all
 
     async def _hold(self, max_length: int, batch_size: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        client, model = self.model.client, self.model
+        model = self.model
         started = False
         try:
-            cfg = ChainConfig(client.node, client.swarm.table, client.rtt, model.source.model_id, model.num_blocks,
-                              max_length, batch_size, compression=model.compression, bans=model.bans,
-                              route_wait=model.route_wait, accept=model.accept,
-                              lora=model.lora, checker=model.new_checker(max_length, batch_size))
-            async with open_inference_session(cfg) as session:
+            async with open_inference_session(model.chain_config(max_length, batch_size)) as session:
                 done = trio.Event()
                 task_status.started((session, done))
                 started = True
@@ -134,6 +130,14 @@ class DistributedModelForCausalLM:
         self.draft: torch.nn.Module | None = None  # a local draft model (None: prompt lookup)
         self.verify = 0.0  # fraction of steps spot-checked on independent servers (net/verify.py)
         self.local_blocks: Span | None = None  # blocks this client holds: a checker and referee of its own
+
+    def chain_config(self, max_length: int, batch_size: int = 1) -> ChainConfig:
+        """How a new inference session finds, uses and checks its servers (caches of `max_length` tokens)."""
+        client = self.client
+        return ChainConfig(client.node, client.swarm.table, client.rtt, self.source.model_id, self.num_blocks,
+                           max_length, batch_size, compression=self.compression, bans=self.bans,
+                           route_wait=self.route_wait, accept=self.accept, lora=self.lora,
+                           checker=self.new_checker(max_length, batch_size))
 
     def new_checker(self, max_length: int = 0, batch_size: int = 1) -> SpotChecker | None:
         """Spot checks for a new session (its sizes), or None with `verify` 0."""

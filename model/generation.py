@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence
+from typing import Generator as GenIterator
 
 import torch
 from transformers.generation.logits_process import (
@@ -26,7 +27,7 @@ from .head import ClientHead, prepend_prefix, token_positions
 from .span import Span
 from .speculative import Speculator, accept_draft
 
-__all__ = ["RunBlocks", "SamplingConfig", "LocalSpans", "Generator"]
+__all__ = ["RunBlocks", "SamplingConfig", "LocalSpans", "BlockCall", "CheckCall", "Generator"]
 
 
 class RunBlocks(Protocol):
@@ -50,6 +51,7 @@ class SamplingConfig:
     eos_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
     pad_token_id: int | None = None
+    seed: int | None = None  # a generator of the session's own (None: torch's global one, as generate() uses)
 
     def processors(self, mask: torch.Tensor | None = None) -> LogitsProcessorList:
         """`mask` is the session's attention mask: left padding is not penalised, as in generate()."""
@@ -84,6 +86,23 @@ class LocalSpans:
         return hidden
 
 
+@dataclass(frozen=True)
+class BlockCall:
+    """Generation asks for new positions to go through every block (`RunBlocks`' arguments)."""
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position: int
+
+
+@dataclass(frozen=True)
+class CheckCall:
+    """Generation asks for the blocks' outputs at cache positions [0, end) to be checked before it ends."""
+
+    end: int
+
+
 @dataclass
 class Generator:
     """One generation session: the tokens fed so far and the caches behind `run_blocks`.
@@ -93,7 +112,7 @@ class Generator:
     """
 
     head: ClientHead
-    run_blocks: RunBlocks
+    run_blocks: RunBlocks | None  # for `stream`; `astream` is given its own
     tokenizer: object | None = None
     ids: torch.Tensor | None = None  # every token of the session, [B, L]
     mask: torch.Tensor | None = None  # [B, L]
@@ -103,11 +122,67 @@ class Generator:
     check_all: Callable[[int], None] | None = None  # checks the blocks' outputs so far; may raise Rewind
     on_rewind: Callable[[int], None] | None = None  # told how many of this call's tokens stand after a Rewind
 
-    @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                config: SamplingConfig | None = None) -> Iterator[torch.Tensor]:
-        """Yield each step's new tokens [B] as they are sampled."""
+        """Yield each step's new tokens [B] as they are sampled, running the blocks with `run_blocks`."""
+        steps = self.steps(input_ids, attention_mask, config)
+        reply: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    item = steps.throw(error) if error is not None else steps.send(reply)
+                except StopIteration:
+                    return
+                reply = error = None
+                try:
+                    if isinstance(item, BlockCall):
+                        reply = self.run_blocks(item.hidden, item.position_ids, item.attention_mask, item.position)
+                    elif isinstance(item, CheckCall):
+                        self.check_all(item.end)
+                    else:
+                        yield item
+                except Exception as e:  # raised where the generation asked for it (a Rewind rewinds)
+                    error = e
+        finally:
+            steps.close()
+
+    async def astream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      config: SamplingConfig | None, run_blocks: Callable[..., Awaitable[torch.Tensor]],
+                      check_all: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[torch.Tensor]:
+        """`stream` for an event loop: the blocks and the checks are awaited, so one loop serves many."""
+        steps = self.steps(input_ids, attention_mask, config, checks=check_all is not None)
+        reply: torch.Tensor | None = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    item = steps.throw(error) if error is not None else steps.send(reply)
+                except StopIteration:
+                    return
+                reply = error = None
+                try:
+                    if isinstance(item, BlockCall):
+                        reply = await run_blocks(item.hidden, item.position_ids, item.attention_mask, item.position)
+                    elif isinstance(item, CheckCall):
+                        await check_all(item.end)
+                    else:
+                        yield item
+                except Exception as e:
+                    error = e
+        finally:
+            steps.close()
+
+    @torch.no_grad()
+    def steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              config: SamplingConfig | None = None, checks: bool | None = None
+              ) -> GenIterator[torch.Tensor | BlockCall | CheckCall, torch.Tensor | None, None]:
+        """The generation without its I/O: yields a `BlockCall` (send back the blocks' output), a `CheckCall`
+        (send None; throw a Rewind in if the check found a lie) or the next tokens [B]. Errors thrown in
+        are raised where the call was asked for. `stream` and `astream` drive it."""
         config = config or SamplingConfig()
+        checks = self.check_all is not None if checks is None else checks
+        rng = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         self._append(input_ids, attention_mask)
         procs = config.processors(self.mask)
         batch = self.ids.shape[0]
@@ -121,7 +196,8 @@ class Generator:
             while True:
                 try:
                     while produced < config.max_new_tokens and unfinished.any():
-                        for token in self._next_tokens(config, procs, config.max_new_tokens - produced):
+                        tokens = yield from self._next_tokens(config, procs, config.max_new_tokens - produced, rng)
+                        for token in tokens:
                             token = torch.where(unfinished, token, torch.full_like(token, pad))
                             self._append(token[:, None], None)
                             produced += 1
@@ -135,8 +211,8 @@ class Generator:
                                         unfinished[b] = False
                             if not unfinished.any():
                                 break
-                    if self.check_all is not None:  # the answer as a whole is checked before it is final
-                        self.check_all(self.fed + self._prefix_length if self.fed else 0)
+                    if checks:  # the answer as a whole is checked before it is final
+                        yield CheckCall(self.fed + self._prefix_length if self.fed else 0)
                     return
                 except Rewind as r:
                     produced = self._rewind(r.position, start_len)
@@ -160,25 +236,26 @@ class Generator:
             self.on_rewind(keep - start_len)
         return keep - start_len
 
-    def _next_tokens(self, config: SamplingConfig, procs: LogitsProcessorList, limit: int) -> list[torch.Tensor]:
+    def _next_tokens(self, config: SamplingConfig, procs: LogitsProcessorList, limit: int,
+                     rng: torch.Generator | None = None) -> GenIterator[BlockCall, torch.Tensor, list[torch.Tensor]]:
         """One pass through the blocks: its new tokens [B] in order (several when drafts are accepted)."""
         drafts: list[int] = []
         length, pending = self.length, self.length - self.fed
         t0 = time.perf_counter()
         if self.speculator is not None and self.ids.shape[0] == 1 and limit > 1:
             drafts = self.speculator.draft(self.ids[0].tolist(), limit - 1)
-        logits = self._feed(drafts)
+        logits = yield from self._feed(drafts)
         if self.speculator is not None and pending == 1:  # a prompt pass says nothing of a step's cost
             self.speculator.record_pass(1 + len(drafts), time.perf_counter() - t0)  # drafting included
         context, out = self.ids, []
         for i, draft in enumerate(drafts):
-            kept, token = accept_draft(procs(context, logits[:, i].to(torch.float32)), draft, config.do_sample)
+            kept, token = accept_draft(procs(context, logits[:, i].to(torch.float32)), draft, config.do_sample, rng)
             out.append(token)
             if not kept:
                 break
             context = torch.cat([context, token[:, None]], dim=1)
         else:
-            out.append(_choose(procs(context, logits[:, len(drafts)].to(torch.float32)), config.do_sample))
+            out.append(_choose(procs(context, logits[:, len(drafts)].to(torch.float32)), config.do_sample, rng))
         accepted = len(out) - 1
         self.fed = length + accepted  # the accepted drafts are in the caches; the next pass rolls back the rest
         if self.speculator is not None:
@@ -206,7 +283,7 @@ class Generator:
             self.ids = torch.cat([self.ids, ids.to(torch.long)], dim=1)
             self.mask = torch.cat([self.mask, mask], dim=1)
 
-    def _feed(self, drafts: Sequence[int] = ()) -> torch.Tensor:
+    def _feed(self, drafts: Sequence[int] = ()) -> GenIterator[BlockCall, torch.Tensor, torch.Tensor]:
         """Run the tokens not yet in the caches, then `drafts`, through the blocks; return the logits of the
         last fed token of `ids` and of each draft, [B, 1 + len(drafts), V]."""
         if self.fed >= self.length:  # everything is cached (a stop on an accepted draft): feed the last again
@@ -221,7 +298,7 @@ class Generator:
         hidden = self.head.embed(ids[:, self.fed:])
         if p and self.fed == 0:  # the virtual tokens go first
             hidden, new_mask, positions = prepend_prefix(hidden, new_mask, positions, self.prefix)
-        hidden = self.run_blocks(hidden, positions, new_mask, self.fed + (p if self.fed else 0))
+        hidden = yield BlockCall(hidden, positions, new_mask, self.fed + (p if self.fed else 0))
         self.fed = self.length
         return self.head.logits(hidden[:, -(1 + len(drafts)):, :])
 
@@ -230,8 +307,8 @@ class Generator:
         return 0 if self.ids is None else int(self.ids.shape[1])
 
 
-def _choose(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+def _choose(scores: torch.Tensor, do_sample: bool, rng: torch.Generator | None = None) -> torch.Tensor:
     """The next token [B] from processed scores [B, V]."""
     if do_sample:
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=rng).squeeze(1)
     return scores.argmax(dim=-1)

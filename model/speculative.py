@@ -126,16 +126,17 @@ def parse_speculate(text: str | int | None) -> str | int:
     return k
 
 
-def accept_draft(scores: torch.Tensor, draft: int, do_sample: bool) -> tuple[bool, torch.Tensor]:
+def accept_draft(scores: torch.Tensor, draft: int, do_sample: bool,
+                 rng: torch.Generator | None = None) -> tuple[bool, torch.Tensor]:
     """Keep or replace one draft given the processed scores [1, V] at its position: (kept, token [1])."""
     if not do_sample:
         token = scores.argmax(dim=-1)
         return bool(token[0] == draft), token
     probs = torch.softmax(scores, dim=-1)
-    if float(torch.rand(())) < float(probs[0, draft]):
+    if float(torch.rand((), generator=rng)) < float(probs[0, draft]):
         return True, torch.tensor([draft])
     probs[0, draft] = 0.0  # the residual of p minus the one-hot proposal, renormalised by multinomial
-    return False, torch.multinomial(probs, num_samples=1).squeeze(1)
+    return False, torch.multinomial(probs, num_samples=1, generator=rng).squeeze(1)
 
 
 @dataclass

@@ -162,5 +162,5 @@ def test_speculative_sampling_keeps_the_distribution(monkeypatch):
     for factory in (PromptLookup, lambda: DraftModel(draft)):
         assert _worst(_token_counts(model, factory, 600, 1.3), exact) < 1
 
-    monkeypatch.setattr(generation, "accept_draft", lambda scores, d, s: (True, torch.tensor([d])))
+    monkeypatch.setattr(generation, "accept_draft", lambda scores, d, s, rng=None: (True, torch.tensor([d])))
     assert _worst(_token_counts(model, PromptLookup, 200, 1.3), exact) > 1
