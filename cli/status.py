@@ -20,18 +20,27 @@ def status(
     swarm_key: Path = swarm_key_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
     watch: bool = typer.Option(False, "--watch", help="Keep refreshing the table until Ctrl-C."),
+    web: bool = typer.Option(False, "--web", help="Serve a live dashboard of the swarm in the browser instead of "
+                             "printing (until Ctrl-C)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the dashboard listens on (with --web)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port of the dashboard (with --web); 0: any "
+                             "free port."),
     timeout: float = typer.Option(10.0, min=1.0, help="Seconds to wait for peers and their tables."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True),
 ) -> None:
     """Print the servers of the swarm, their spans and throughput, and block coverage.
 
-    Exits with code 1 when a model is not fully covered (some block has no ONLINE server).
+    Exits with code 1 when a model is not fully covered (some block has no ONLINE server). With --web it
+    prints the dashboard's address and keeps following the swarm until Ctrl-C or SIGTERM.
     """
+    import signal
+
     import trio
 
     from ..model.errors import MeshError
     from ..net.client import ping  # noqa: F401  (imported before joining: see _collect)
     from ..net.node import open_node
+    from ..net.report import swarm_report
     from ..net.swarm import open_swarm
 
     setup_logging(verbose)
@@ -41,17 +50,29 @@ def status(
     model_id = _model_id(model) if model else None
     result: dict = {}
 
+    if web:  # imported before joining, like everything the node needs (see _collect)
+        from ..web.dashboard import serve_dashboard
+
     async def main() -> None:
         async with open_node(config) as node, open_swarm(node) as swarm:
             await _collect(swarm, model_id, timeout)
+            if web:
+                async with trio.open_nursery() as nursery:
+                    url = await nursery.start(serve_dashboard, swarm, model_id, host, port)
+                    write(f"dashboard: {url}/\n")
+                    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                        async for _ in signals:  # SIGTERM ends the watch as Ctrl-C does
+                            nursery.cancel_scope.cancel()
+                            break
+                return
             if not watch:
-                result.update(await _report(swarm, model_id))
+                result.update(await swarm_report(swarm, model_id))
                 return
             from rich.live import Live
 
             with Live(console=stderr(), refresh_per_second=2) as live:
                 while True:
-                    report = await _report(swarm, model_id)
+                    report = await swarm_report(swarm, model_id)
                     live.update(_render(report))
                     await trio.sleep(2.0)
 
@@ -62,6 +83,8 @@ def status(
     except BaseExceptionGroup as group:  # Ctrl-C inside the node's nurseries arrives wrapped
         if group.subgroup(KeyboardInterrupt) is None:
             raise
+        return
+    if web:
         return
     if as_json:
         write(json.dumps(result, indent=2) + "\n")
@@ -102,41 +125,6 @@ async def _collect(swarm, model_id: str | None, timeout: float) -> None:
         stderr().print(f"mesh status: peer {short_id(peer)} sent no table: {why}", highlight=False, soft_wrap=True)
     for mid in {i.model_id for i in swarm.table.all()}:
         await swarm.follow(mid)
-
-
-async def _report(swarm, model_id: str | None) -> dict:
-    import trio
-
-    from ..net.client import ping
-    from ..net.verify import caught_path, read_caught
-
-    servers = swarm.table.all(model_id)
-    caught = read_caught(caught_path())  # servers this user's clients caught lying
-    rtts: dict[str, float | None] = {}
-
-    async def measure(peer: str) -> None:
-        try:
-            rtts[peer] = await ping(swarm.node, peer, count=2, timeout=3.0)
-        except Exception:
-            rtts[peer] = None
-
-    async with trio.open_nursery() as n:
-        for info in servers:
-            n.start_soon(measure, info.peer_id)
-    models = []
-    for mid in sorted({i.model_id for i in servers} | ({model_id} if model_id else set())):
-        mine = [i for i in servers if i.model_id == mid]
-        total = max([i.total_blocks for i in mine] + [i.end for i in mine] + [0])
-        counts = swarm.table.coverage(mid, total)
-        per_block = swarm.table.block_throughput(mid, total)
-        missing = [b for b, c in enumerate(counts) if c == 0]
-        models.append({
-            "model_id": mid, "num_blocks": total, "covered": total > 0 and not missing, "missing_blocks": missing,
-            "servers_per_block": counts, "throughput_per_block": [round(t, 2) for t in per_block],
-            "servers": [dict(i.to_wire(), rtt=rtts.get(i.peer_id), caught=caught.get(i.peer_id, {}).get("evidence"))
-                        for i in mine],
-        })
-    return {"models": models}
 
 
 def _render(report: dict):
