@@ -21,6 +21,16 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v ip
     { apt-get update -qq && apt-get install -y -qq iptables; } \
         || echo "setup: could not install iptables; the network-lab tests will be skipped"
 fi
+# The dashboard's browser test (tests/test_e2e_dashboard.py) drives headless Chromium and fails without it.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing chromium for the dashboard's browser test"
+        { apt-get update -qq && apt-get install -y -qq chromium; } \
+            || echo "setup: could not install chromium; tests/test_e2e_dashboard.py will fail"
+    else
+        echo "setup: chromium is missing (as root: apt-get install chromium); tests/test_e2e_dashboard.py will fail"
+    fi
+fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)

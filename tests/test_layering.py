@@ -14,12 +14,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = {"mesh.api": "api", "mesh.cli": "cli", "mesh.net": "net", "mesh.model": "model",
-         "mesh.balancing": "balancing"}
-API = ("mesh.api",)
+         "mesh.balancing": "balancing", "mesh.web": "web"}
+API = ("mesh.api", "mesh.web")
 FORBIDDEN = {
     "model": ("mesh.net", "mesh.cli", *API, "trio", "libp2p"),
     "balancing": ("mesh.net", "mesh.cli", *API, "mesh.model", "trio", "libp2p", "torch", "transformers"),
     "net": ("mesh.cli", *API),
+    "api": ("mesh.cli", "mesh.web"),
+    "web": ("mesh.cli",),
 }
 
 
