@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .api import api
 from .chat import chat
 from .finetune import finetune
 from .generate import generate
@@ -22,6 +23,7 @@ app.command()(generate)
 app.command()(chat)
 app.command()(finetune)
 app.command()(keygen)
+app.command()(api)
 
 
 @app.command()
