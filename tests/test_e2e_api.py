@@ -203,3 +203,14 @@ def test_closing_a_stream_early_frees_the_servers_sessions(api):
     last = swarm()["requests"][0]
     assert last["status"] == 499 and 0 < last["tokens_out"] < 1000, last
     assert "499 /v1/chat/completions" in front.output()
+
+
+def test_the_dashboard_shows_the_swarm_and_this_apis_requests(api):
+    """The API's own port serves the dashboard: a bar per server over its span, and the requests it answered."""
+    url, _, folder, _ = api
+    client(url).completions.create(model=str(folder), prompt="Hello", temperature=0, max_tokens=2)
+    page = httpx.get(f"{url}/", timeout=30).text
+    bars = sorted(re.findall(r'class="server-bar[^"]*"[^>]*data-start="(\d+)" data-end="(\d+)"', page))
+    assert bars == [("0", "2"), ("2", "4"), ("4", "6")], page[:2000]
+    assert "/v1/completions" in page
+    assert httpx.get(f"{url}/static/dashboard.js", timeout=30).status_code == 200

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import deque
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import torch
@@ -53,13 +53,16 @@ class RequestRecord:
     route: str = ""
     status: int = 200
     finish: str = ""
+    received: float = field(default_factory=time.perf_counter, repr=False)  # the clock when it arrived
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_out / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict:
-        return dict(asdict(self), tokens_per_s=round(self.tokens_per_s, 2))
+        out = dict(asdict(self), tokens_per_s=round(self.tokens_per_s, 2))
+        del out["received"]
+        return out
 
 
 class RequestLog:
@@ -124,8 +127,8 @@ class Completions:
 
     async def text(self, ids: torch.Tensor, config: SamplingConfig, stops: tuple[str, ...],
                    record: RequestRecord) -> AsyncIterator[str]:
-        """The answer's text in pieces safe to send; `record` learns the route, counts and finish reason."""
-        started = time.perf_counter()
+        """The answer's text in pieces safe to send; `record` learns the route, counts, times (from the
+        request's arrival) and finish reason."""
         pieces, cut = TextStream(self.model.tokenizer), StopText(stops)
         eos = set(config.eos_token_ids)
         record.finish = "length"
@@ -138,7 +141,7 @@ class Completions:
                         token_id = int(token[0])
                         record.tokens_out += 1
                         if record.first_token_s is None:
-                            record.first_token_s = time.perf_counter() - started
+                            record.first_token_s = time.perf_counter() - record.received
                         if token_id in eos:
                             record.finish = "stop"
                         piece = cut.push(pieces.push(token_id))
@@ -152,7 +155,7 @@ class Completions:
                 yield rest
         finally:
             self.active -= 1
-            record.seconds = time.perf_counter() - started
+            record.seconds = time.perf_counter() - record.received
 
 
 async def _read_body(request: Request) -> bytes:
