@@ -126,15 +126,10 @@ class Generator:
                config: SamplingConfig | None = None) -> Iterator[torch.Tensor]:
         """Yield each step's new tokens [B] as they are sampled, running the blocks with `run_blocks`."""
         steps = self.steps(input_ids, attention_mask, config)
-        reply: torch.Tensor | None = None
-        error: BaseException | None = None
         try:
-            while True:
-                try:
-                    item = steps.throw(error) if error is not None else steps.send(reply)
-                except StopIteration:
-                    return
-                reply = error = None
+            item = _advance(steps, None, None)
+            while item is not None:
+                reply, error = None, None
                 try:
                     if isinstance(item, BlockCall):
                         reply = self.run_blocks(item.hidden, item.position_ids, item.attention_mask, item.position)
@@ -144,6 +139,7 @@ class Generator:
                         yield item
                 except Exception as e:  # raised where the generation asked for it (a Rewind rewinds)
                     error = e
+                item = _advance(steps, reply, error)
         finally:
             steps.close()
 
@@ -152,15 +148,10 @@ class Generator:
                       check_all: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[torch.Tensor]:
         """`stream` for an event loop: the blocks and the checks are awaited, so one loop serves many."""
         steps = self.steps(input_ids, attention_mask, config, checks=check_all is not None)
-        reply: torch.Tensor | None = None
-        error: BaseException | None = None
         try:
-            while True:
-                try:
-                    item = steps.throw(error) if error is not None else steps.send(reply)
-                except StopIteration:
-                    return
-                reply = error = None
+            item = _advance(steps, None, None)
+            while item is not None:
+                reply, error = None, None
                 try:
                     if isinstance(item, BlockCall):
                         reply = await run_blocks(item.hidden, item.position_ids, item.attention_mask, item.position)
@@ -170,6 +161,7 @@ class Generator:
                         yield item
                 except Exception as e:
                     error = e
+                item = _advance(steps, reply, error)
         finally:
             steps.close()
 
@@ -305,6 +297,16 @@ class Generator:
     @property
     def length(self) -> int:
         return 0 if self.ids is None else int(self.ids.shape[1])
+
+
+def _advance(steps: GenIterator, reply: torch.Tensor | None, error: Exception | None
+             ) -> torch.Tensor | BlockCall | CheckCall | None:
+    """Resume `steps` with the last request's answer (or raise its error there); its next item, or None
+    once the generation has ended."""
+    try:
+        return steps.throw(error) if error is not None else steps.send(reply)
+    except StopIteration:
+        return None
 
 
 def _choose(scores: torch.Tensor, do_sample: bool, rng: torch.Generator | None = None) -> torch.Tensor:

@@ -108,7 +108,7 @@ async def test_greedy_chat_equals_mesh_generate_streamed_or_not(api):
     assert finish == "length" and usage.completion_tokens == 12
 
 
-def test_completions_stop_and_max_tokens(api):
+def test_completions_seed_stop_and_max_tokens(api):
     url, _, folder, _ = api
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
@@ -120,6 +120,10 @@ def test_completions_stop_and_max_tokens(api):
     short = c.completions.create(model=str(folder), prompt="Once upon a time", temperature=0, max_tokens=5)
     assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
     assert text.startswith(short.choices[0].text)
+
+    sampled = [c.completions.create(model=str(folder), prompt="Once upon a time", temperature=1.0, top_p=0.9,
+                                    max_tokens=12, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed of the request's own, whatever else runs
 
     stop = text[len(text) // 2: len(text) // 2 + 3]
     cut = text[:text.index(stop)]
