@@ -83,3 +83,23 @@ def test_response_shapes():
     assert chunk_body(req, "id1", None, usage={"total_tokens": 3})["choices"] == []
     text = parse({"model": "m", "prompt": "p"}, chat=False)
     assert chunk_body(text, "id2", "abc")["choices"][0]["text"] == "abc"
+
+
+async def test_unknown_routes_and_failures_keep_openais_error_shape():
+    import httpx
+    from starlette.routing import Route
+
+    from mesh.web.app import api_app
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    app = api_app(None, None, [Route("/broken", broken)])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        for path, status in (("/v1/nothing", 404), ("/broken", 500)):
+            r = await client.get(path)
+            assert r.status_code == status
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = await client.get("/v1/chat/completions")
+        assert r.status_code == 405 and "error" in r.json()

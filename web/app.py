@@ -111,7 +111,11 @@ class Completions:
         if req.chat:
             if not has_chat_template(tokenizer):
                 raise ApiError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
-            return encode_messages(tokenizer, list(req.messages))
+            try:
+                return encode_messages(tokenizer, list(req.messages))
+            except Exception as e:  # the template's own checks (roles out of order, a role it lacks)
+                raise ApiError(400, f"the model's chat template rejected the messages: {e}", param="messages",
+                               code="invalid_messages") from None
         return encode_text(tokenizer, req.prompt)
 
     def sampling(self, req: CompletionRequest, prompt_tokens: int) -> SamplingConfig:
@@ -265,10 +269,15 @@ def api_app(service: Completions, api_key: str | None = None, extra_routes: list
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return JSONResponse(error_body(ApiError(exc.status_code, str(exc.detail))), status_code=exc.status_code)
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(ApiError(500, "the server failed on this request (its log says why)",
+                                                kind="server_error")), status_code=500)
+
     routes = [Route("/v1/models", guarded(models)), Route("/v1/models/{name:path}", guarded(one_model)),
               Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
               Route("/v1/completions", guarded(completions), methods=["POST"]), *extra_routes]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
 
 
 def _model_card(name: str) -> dict:
