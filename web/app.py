@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import torch
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -198,6 +199,9 @@ async def _complete(service: Completions, request: Request, chat: bool) -> Respo
     except MeshError as e:
         record.status, record.finish = 503, "error"
         raise ApiError(503, f"the swarm could not answer: {e}", code="swarm_error", kind="server_error") from None
+    except BaseException:
+        record.status, record.finish = 500, "error"
+        raise
     finally:
         service.requests.add(record)
     return JSONResponse(completion_body(req, rid, text, record.finish,
@@ -207,7 +211,6 @@ async def _complete(service: Completions, request: Request, chat: bool) -> Respo
 async def _events(service: Completions, req: CompletionRequest, rid: str, ids: torch.Tensor,
                   config: SamplingConfig, record: RequestRecord) -> AsyncIterator[bytes]:
     """The server-sent events of a streamed answer; cancelled (and its session closed) if the client leaves."""
-    finished = False
     try:
         if req.chat:
             yield _sse(chunk_body(req, rid, "", first=True))
@@ -218,15 +221,22 @@ async def _events(service: Completions, req: CompletionRequest, rid: str, ids: t
         if req.include_usage:
             yield _sse(chunk_body(req, rid, None, usage=usage_body(record.tokens_in, record.tokens_out)))
         yield _sse("[DONE]")
-        finished = True
     except MeshError as e:
-        record.status, record.finish, finished = 503, "error", True
+        record.status, record.finish = 503, "error"
         yield _sse(error_body(ApiError(503, f"the swarm could not answer: {e}", code="swarm_error",
                                        kind="server_error")))
+    except BaseException as e:
+        record.status, record.finish = (499, "client closed") if _cancelled(e) else (500, "error")
+        raise
     finally:
-        if not finished:
-            record.status, record.finish = 499, "client closed"
         service.requests.add(record)
+
+
+def _cancelled(e: BaseException) -> bool:
+    """Whether `e` is only the cancellation of a response whose client went away (maybe in a group)."""
+    if isinstance(e, BaseExceptionGroup):
+        return e.split((trio.Cancelled, GeneratorExit))[1] is None
+    return isinstance(e, (trio.Cancelled, GeneratorExit))
 
 
 def _authorized(request: Request, api_key: str | None) -> bool:
@@ -289,8 +299,6 @@ async def serve_api(model: "DistributedModelForCausalLM", names: set[str], host:
                     on_ready: Callable[[str], None] = lambda url: None) -> None:
     """Serve the API (and the dashboard at /) from the trio loop running `model`'s client node, until
     cancelled. `on_ready` gets the base URL once the socket listens."""
-    import trio
-
     from ..net.report import swarm_report
     from .dashboard import Snapshots, dashboard_routes
     from .server import serve_http
