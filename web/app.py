@@ -199,8 +199,8 @@ async def _complete(service: Completions, request: Request, chat: bool) -> Respo
     except MeshError as e:
         record.status, record.finish = 503, "error"
         raise ApiError(503, f"the swarm could not answer: {e}", code="swarm_error", kind="server_error") from None
-    except BaseException:
-        record.status, record.finish = 500, "error"
+    except BaseException as e:
+        record.status, record.finish = (499, "client closed") if _cancelled(e) else (500, "error")
         raise
     finally:
         service.requests.add(record)
