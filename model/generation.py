@@ -2,7 +2,9 @@
 
 `run_blocks(hidden, position_ids, attention_mask, position) -> hidden` is the only thing generation needs from
 the blocks: local spans (`LocalSpans`) and remote inference sessions both provide it, so the local
-reference run and the swarm share every line below. Logit processing uses transformers' own processor
+reference run and the swarm share every line below. The loop itself (`Generator.steps`) does no I/O: it asks
+for each pass (`BlockCall`) and is handed the result, so a thread can run the blocks by calling them
+(`stream`) and an event loop by awaiting them (`astream`, one loop serving many sessions). Logit processing uses transformers' own processor
 classes in the order `generate()` applies them, so greedy and seeded sampling match `generate()`.
 """
 
