@@ -29,8 +29,11 @@ from ..api.aio import open_async_session
 from ..model.chat import TextStream, encode_messages, encode_text, has_chat_template
 from ..model.errors import MeshError
 from ..model.generation import SamplingConfig
+from ..net.report import swarm_report
+from .dashboard import Snapshots, dashboard_routes
 from .openai import (DEFAULT_MAX_TOKENS, MAX_BODY, ApiError, CompletionRequest, StopText, chunk_body,
                      completion_body, error_body, new_id, parse_request, usage_body)
+from .server import serve_http
 
 if TYPE_CHECKING:
     from ..api import DistributedModelForCausalLM
@@ -95,8 +98,7 @@ class Completions:
 
     def check(self, req: CompletionRequest) -> None:
         if req.model not in self.names:
-            raise ApiError(404, f"the model {req.model!r} does not exist here; this API serves "
-                           f"{', '.join(sorted(self.names))}", param="model", code="model_not_found")
+            raise self.unknown(req.model)
         table, model = self.model.client.swarm.table, self.model
         if min(table.coverage(model.source.model_id, model.num_blocks, model.accept)) == 0:
             raise ApiError(503, "some blocks of the model have no server in the swarm right now",
@@ -104,6 +106,10 @@ class Completions:
         if self.active >= self.max_concurrent:
             raise ApiError(429, f"{self.active} requests are in flight, the most this API runs at once",
                            code="too_many_requests", kind="rate_limit_error")
+
+    def unknown(self, name: str) -> ApiError:
+        return ApiError(404, f"the model {name!r} does not exist here; this API serves "
+                        f"{', '.join(sorted(self.names))}", param="model", code="model_not_found")
 
     def encode(self, req: CompletionRequest) -> torch.Tensor:
         tokenizer = self.model.tokenizer
@@ -267,7 +273,7 @@ def api_app(service: Completions, api_key: str | None = None, extra_routes: list
     async def one_model(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in service.names:
-            raise ApiError(404, f"the model {name!r} does not exist here", param="model", code="model_not_found")
+            raise service.unknown(name)
         return JSONResponse(_model_card(name))
 
     async def chat(request: Request) -> Response:
@@ -299,10 +305,6 @@ async def serve_api(model: "DistributedModelForCausalLM", names: set[str], host:
                     on_ready: Callable[[str], None] = lambda url: None) -> None:
     """Serve the API (and the dashboard at /) from the trio loop running `model`'s client node, until
     cancelled. `on_ready` gets the base URL once the socket listens."""
-    from ..net.report import swarm_report
-    from .dashboard import Snapshots, dashboard_routes
-    from .server import serve_http
-
     service = Completions(model, names, max_concurrent)
     swarm, model_id = model.client.swarm, model.source.model_id
 
